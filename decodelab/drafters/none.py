@@ -1,0 +1,16 @@
+"""drafter=none: propose nothing; the engine then decodes one token per target forward."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from decodelab.config import DrafterConfig
+from decodelab.drafters.base import Draft, Drafter
+
+
+class NoDrafter(Drafter):
+    def __init__(self, cfg: DrafterConfig, **_parts):
+        self.cfg = cfg
+
+    def propose(self, context: Sequence[int]) -> Draft:
+        return Draft(tokens=[])

@@ -1,0 +1,108 @@
+"""The decode loop. Plain autoregressive decoding is this loop with a drafter that proposes nothing.
+
+prefill -> [draft -> one target forward over (last token + draft) -> verify -> commit -> crop]* ,
+one StepRecord per iteration. Cache invariant between steps: the target cache holds the prompt and
+every committed token except the last one, which is fed at the start of the next forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from decodelab.adapter import LMAdapter, synchronize
+from decodelab.drafters.base import Draft, Drafter
+from decodelab.sampling import LogitsPipeline
+from decodelab.verify import verify
+
+
+@dataclass
+class StepRecord:
+    drafted: int
+    accepted: int
+    bonus: int
+    draft_s: float
+    verify_s: float
+
+
+@dataclass
+class Generation:
+    tokens: List[int]
+    stop_reason: str  # eos | stop_string | max_new_tokens
+    ttft_s: float
+    wall_s: float
+    steps: List[StepRecord] = field(default_factory=list)
+    target_forwards: int = 0
+    draft_forwards: int = 0
+
+
+class StopCriteria:
+    """EOS ids, stop strings and the token budget; returns how many tokens to keep once one fires."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: Iterable[int], stop_strings: Sequence[str],
+                 max_new_tokens: int):
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.stop_strings = list(stop_strings)
+        self.max_new_tokens = max_new_tokens
+        # Decoding only a tail keeps the check cheap; a stop string is never longer than this many tokens.
+        self._tail = max((len(s) for s in self.stop_strings), default=0) + 8
+
+    def check(self, tokens: List[int], new: int) -> Optional[tuple]:
+        """(keep, reason) if generation must stop given that the last ``new`` tokens were just committed."""
+        for i in range(len(tokens) - new, len(tokens)):
+            if tokens[i] in self.eos_ids:
+                return min(i + 1, self.max_new_tokens), "eos"
+            if self.stop_strings and self._stop_string_ends_at(tokens, i):
+                return min(i + 1, self.max_new_tokens), "stop_string"
+        if len(tokens) >= self.max_new_tokens:
+            return self.max_new_tokens, "max_new_tokens"
+        return None
+
+    def _stop_string_ends_at(self, tokens: List[int], i: int) -> bool:
+        text = self.tokenizer.decode(tokens[max(0, i + 1 - self._tail): i + 1], skip_special_tokens=False)
+        prev = self.tokenizer.decode(tokens[max(0, i + 1 - self._tail): i], skip_special_tokens=False)
+        return any(s in text and s not in prev for s in self.stop_strings)
+
+
+def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipeline, drafter: Drafter,
+           stop: StopCriteria, generator: torch.Generator) -> Generation:
+    """Decode one prompt; times are wall-clock with the device synchronised."""
+    prompt = list(prompt_ids)
+    forwards_before = target.forwards
+    synchronize(target.device)
+    start = time.perf_counter()
+    logits = target.prefill(prompt)
+    first = verify(Draft(tokens=[]), logits[None], pipeline, generator, prompt).bonus
+    synchronize(target.device)
+    ttft = time.perf_counter() - start
+    tokens = [first]
+    drafter.reset(prompt)
+    steps: List[StepRecord] = []
+    draft_forwards = 0
+    ended = stop.check(tokens, 1)
+    while ended is None:
+        t0 = time.perf_counter()
+        draft = drafter.propose(prompt + tokens)
+        draft_forwards += draft.forwards
+        t1 = time.perf_counter()
+        logits = target.forward([tokens[-1]] + draft.tokens)
+        verdict = verify(draft, logits, pipeline, generator, prompt + tokens)
+        target.crop(len(prompt) + len(tokens) + len(verdict.accepted))
+        synchronize(target.device)
+        t2 = time.perf_counter()
+        new = verdict.accepted + [verdict.bonus]
+        tokens.extend(new)
+        drafter.update(len(draft), len(verdict.accepted))
+        steps.append(StepRecord(len(draft), len(verdict.accepted), 1, t1 - t0, t2 - t1))
+        ended = stop.check(tokens, len(new))
+    keep, reason = ended
+    del tokens[keep:]
+    wall = time.perf_counter() - start
+    return Generation(tokens=tokens, stop_reason=reason, ttft_s=ttft, wall_s=wall, steps=steps,
+                      target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards)
+

@@ -1,0 +1,68 @@
+"""Metric definitions (../shared/DESIGN.md section 3), one for every backend.
+
+A sample may have several turns; its new tokens and wall time are sums over turns, its TTFT the mean
+of the turns' TTFTs, and its TPOT the decode time after each turn's first token over the tokens after it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean
+from typing import Dict, Iterable, List, Sequence
+
+from decodelab.engine import Generation
+
+HEADLINE = ("throughput_tok_s", "mean_sample_tok_s", "ttft_s", "tpot_s", "new_tokens", "peak_mem_mb")
+
+
+def sample_timing(turns: Sequence[Generation]) -> Dict[str, float]:
+    new_tokens = sum(len(g.tokens) for g in turns)
+    wall = sum(g.wall_s for g in turns)
+    ttft_total = sum(g.ttft_s for g in turns)
+    after_first = new_tokens - len(turns)
+    return {
+        "new_tokens": new_tokens,
+        "wall_s": wall,
+        "ttft_s": ttft_total / len(turns),
+        "tpot_s": (wall - ttft_total) / after_first if after_first > 0 else 0.0,
+        "tok_s": new_tokens / wall if wall > 0 else 0.0,
+        "target_forwards": sum(g.target_forwards for g in turns),
+    }
+
+
+def summarize(samples: Iterable[dict]) -> Dict[str, float]:
+    """Headline figures overall and per category (suffixed ``/<category>``), plus mean quality scores."""
+    samples = list(samples)
+    summary: Dict[str, float] = {"num_samples": len(samples)}
+    summary.update(_aggregate(samples))
+    by_category: Dict[str, List[dict]] = defaultdict(list)
+    for sample in samples:
+        by_category[sample["category"]].append(sample)
+    for category, group in sorted(by_category.items()):
+        for key, value in _aggregate(group).items():
+            summary[f"{key}/{category}"] = value
+        summary[f"num_samples/{category}"] = len(group)
+    return summary
+
+
+def _aggregate(samples: List[dict]) -> Dict[str, float]:
+    if not samples:
+        return {}
+    wall = sum(s["wall_s"] for s in samples)
+    new_tokens = sum(s["new_tokens"] for s in samples)
+    out = {
+        "throughput_tok_s": new_tokens / wall if wall > 0 else 0.0,
+        "mean_sample_tok_s": mean(s["tok_s"] for s in samples),
+        "ttft_s": mean(s["ttft_s"] for s in samples),
+        "tpot_s": mean(s["tpot_s"] for s in samples),
+        "new_tokens": new_tokens,
+        "wall_s": wall,
+        "peak_mem_mb": max(s["peak_mem_mb"] for s in samples),
+        "target_forwards": sum(s["target_forwards"] for s in samples),
+    }
+    quality: Dict[str, List[float]] = defaultdict(list)
+    for s in samples:
+        for key, value in s.get("quality", {}).items():
+            quality[key].append(value)
+    out.update({key: mean(values) for key, values in quality.items()})
+    return out

@@ -1,0 +1,209 @@
+"""Output quality: cheap diversity metrics for every answer, plus the scorer its prompt names.
+
+Speed-ups only count if quality holds, so every run scores its outputs the same way for every backend
+and drafter. Scorers: ``rouge_l`` (summaries), ``math_exact`` (last number), ``exact`` (short answer
+contained in the output) and ``humaneval`` (pass@1, running the problem's tests in a sandbox).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from decodelab.tasks.base import Prompt
+
+HUMANEVAL_TIMEOUT_S = 10.0
+SANDBOX_MEMORY_BYTES = 1 << 30
+
+# Numbers as written in answers: "-3", "1,234", "$1,234.50", "0.5" (a trailing "." is not part of it).
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A fenced code block; the closing fence may be missing when generation hit max_new_tokens.
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def score(prompt: Prompt, answer: str, humaneval_timeout: float = HUMANEVAL_TIMEOUT_S) -> Dict[str, float]:
+    """All quality metrics of one answer: diversity always, plus the prompt's scorer if it has one."""
+    out = diversity(answer)
+    if prompt.scorer == "rouge_l" and prompt.reference is not None:
+        out["rouge_l"] = rouge_l(prompt.reference, answer)
+    elif prompt.scorer == "math_exact" and prompt.reference is not None:
+        out["exact_match"] = math_exact(prompt.reference, answer)
+    elif prompt.scorer == "exact" and prompt.reference is not None:
+        out["exact_match"] = contains_exact(prompt.reference, answer)
+    elif prompt.scorer == "humaneval":
+        out["pass@1"] = humaneval_pass(prompt.meta, answer, timeout=humaneval_timeout)
+    return out
+
+
+def aggregate_quality(scores: List[Dict[str, float]]) -> Dict[str, float]:
+    """Mean of each metric over the samples that have it (scorers differ between categories)."""
+    sums: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
+    for sample in scores:
+        for key, value in sample.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+# --- diversity -------------------------------------------------------------------------------------
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> List[Tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(text: str, n: int) -> float:
+    """Unique / total whitespace n-grams; low values flag degenerate, looping output."""
+    grams = _ngrams(text.split(), n)
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+    """Fraction of repeated n-grams (1 - unique/total); catches loops that greedy decoding falls into."""
+    grams = _ngrams(text.split(), n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def diversity(text: str) -> Dict[str, float]:
+    return {"distinct_1": distinct_n(text, 1), "distinct_2": distinct_n(text, 2), "repetition_rate": repetition_rate(text)}
+
+
+# --- reference scorers -----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imported lazily: it pulls in nltk
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(reference: str, answer: str) -> float:
+    """ROUGE-L F-measure, the usual summary-overlap score."""
+    return float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
+
+
+def parse_number(text: str) -> Optional[float]:
+    """The last number in ``text`` ("$1,234." -> 1234.0); None if there is none."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    return float(found[-1].replace("$", "").replace(",", ""))
+
+
+def math_exact(reference: str, answer: str) -> float:
+    """1.0 if the answer's last number equals the reference numerically (chain-of-thought comes first)."""
+    want, got = parse_number(reference), parse_number(answer)
+    if want is None or got is None:
+        return 0.0
+    return 1.0 if abs(want - got) <= 1e-6 * max(1.0, abs(want)) else 0.0
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def contains_exact(reference: str, answer: str) -> float:
+    """1.0 if the short reference answer appears in the output (case and spacing ignored)."""
+    return 1.0 if _normalize(reference) in _normalize(answer) else 0.0
+
+
+# --- HumanEval -------------------------------------------------------------------------------------
+
+
+def extract_code(answer: str, prompt: str, entry_point: str) -> str:
+    """Program text for the answer: a fenced block if there is one, else a completion of ``prompt``.
+
+    Chat models tend to reply with the whole function in a fence; base models continue the prompt. Code that
+    defines the entry point itself is appended after the prompt, so the prompt's imports and helpers stay
+    and the answer's definition wins.
+    """
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(answer)]
+    if blocks:
+        python = [b for lang, b in blocks if lang in ("", "python", "py", "python3")] or [b for _, b in blocks]
+        defining = [b for b in python if f"def {entry_point}" in b]
+        code = (defining or python)[0]
+    else:
+        code = answer
+    if re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+        return prompt + "\n" + code
+    return prompt + code
+
+
+def humaneval_pass(meta: Dict[str, str], answer: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> float:
+    """pass@1 of one answer: 1.0 iff the problem's tests exit cleanly in the sandbox."""
+    program = extract_code(answer, meta["prompt"], meta["entry_point"])
+    program += "\n" + meta["test"] + f"\ncheck({meta['entry_point']})\n"
+    return 1.0 if run_sandboxed(program, timeout) == 0 else 0.0
+
+
+# Runs in the child before the program. Limits are set here rather than in a preexec_fn, which the
+# subprocess docs call unsafe (possible deadlock) in a parent with threads, as torch's always has.
+_GUARD = """\
+import resource, runpy, socket, sys
+def _cap(kind, value):
+    try:
+        resource.setrlimit(kind, (value, value))
+    except (ValueError, OSError):  # not enforceable everywhere (RLIMIT_AS on macOS)
+        pass
+_cap(resource.RLIMIT_AS, int(sys.argv[1]))
+_cap(resource.RLIMIT_FSIZE, 64 << 20)
+_cap(resource.RLIMIT_CORE, 0)
+class _NoNetwork(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise OSError("network access is disabled in the decodelab sandbox")
+socket.socket = _NoNetwork
+socket.create_connection = _NoNetwork
+sys.argv = sys.argv[2:]
+del _cap, _NoNetwork
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _sandbox_env(tmpdir: str) -> Dict[str, str]:
+    """A minimal environment: no proxies, no credentials, nothing from the parent's Python setup."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmpdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
+           "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update({name: "*" for name in ("no_proxy", "NO_PROXY")})
+    return env
+
+
+def run_sandboxed(program: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> Optional[int]:
+    """Run ``program`` in a fresh isolated interpreter in a temp dir; its exit code, None on timeout.
+
+    Isolation: ``-I`` (no user site, no PYTHON* variables), a minimal environment, 1 GiB address space,
+    sockets refused. This stops accidents from generated code, not a determined attacker.
+
+    The child gets its own session so that on timeout the whole process group (and anything it spawned)
+    is killed, not just the interpreter.
+    """
+    with tempfile.TemporaryDirectory(prefix="decodelab-sandbox-") as tmpdir:
+        file = Path(tmpdir) / "program.py"
+        file.write_text(program, encoding="utf-8")
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _GUARD, str(SANDBOX_MEMORY_BYTES), str(file)],
+            cwd=tmpdir, env=_sandbox_env(tmpdir), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()

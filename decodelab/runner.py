@@ -1,0 +1,169 @@
+"""One run: build the parts named by the config, decode every prompt of the task, record everything."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from decodelab.adapter import LMAdapter
+from decodelab.config import BackendConfig, RunConfig, to_run_config
+from decodelab.drafters import build_drafter
+from decodelab.engine import Generation, StopCriteria, decode
+from decodelab.metrics import sample_timing, summarize
+from decodelab.models import LoadedModel, load_model, resolve_device
+from decodelab.sampling import LogitsPipeline
+from decodelab.tasks import load_task
+from decodelab.tasks.base import Prompt
+
+
+def setup_backend(backend: BackendConfig) -> None:
+    """Threads, seeds and determinism flags, applied before any model is built."""
+    resolve_device(backend)
+    if backend.threads is not None:
+        torch.set_num_threads(backend.threads)
+    torch.manual_seed(backend.seed)
+    if backend.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class PromptRunner:
+    """Decodes prompts (all turns, each answered after the model's own previous answers) with one model."""
+
+    def __init__(self, loaded: LoadedModel, run: RunConfig):
+        self.loaded = loaded
+        self.run = run
+        self.tokenizer = loaded.tokenizer
+        self.target = LMAdapter(loaded.model)
+        self.pipeline = LogitsPipeline(run.strategy)
+        self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded)
+        self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
+        self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
+
+    def encode(self, messages: List[dict]) -> List[int]:
+        model = self.run.model
+        if model.system_prompt:
+            messages = [{"role": "system", "content": model.system_prompt}] + messages
+        if model.chat_template and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+            return list(ids)
+        text = "\n\n".join(m["content"] for m in messages)
+        return self.tokenizer(text)["input_ids"]
+
+    def generator_for(self, prompt: Prompt) -> torch.Generator:
+        """Seeded per prompt id, so a sample does not change with task order, limit or shuffle."""
+        generator = torch.Generator(device=self.target.device)
+        generator.manual_seed(self.seed * 1_000_003 + zlib.crc32(prompt.id.encode()))
+        return generator
+
+    def run_prompt(self, index: int, prompt: Prompt) -> dict:
+        from decodelab.quality import score
+
+        _reset_peak_memory(self.target.device)
+        generator = self.generator_for(prompt)
+        messages: List[dict] = []
+        turns: List[Generation] = []
+        outputs: List[str] = []
+        for turn in prompt.turns:
+            messages.append({"role": "user", "content": turn})
+            generation = decode(self.target, self.encode(messages), pipeline=self.pipeline, drafter=self.drafter,
+                                stop=self.stop, generator=generator)
+            text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+            text = _cut_at_stop_string(text, self.run.task.stop_strings)
+            messages.append({"role": "assistant", "content": text})
+            turns.append(generation)
+            outputs.append(text)
+        record = {
+            "index": index, "id": prompt.id, "category": prompt.category, "turns": prompt.turns,
+            "outputs": outputs, "reference": prompt.reference,
+            "output_tokens": [g.tokens for g in turns], "stop_reasons": [g.stop_reason for g in turns],
+            **sample_timing(turns),
+            "peak_mem_mb": _peak_memory_mb(self.target.device),
+            "quality": score(prompt, "\n".join(outputs)),
+            "steps": [[s.drafted, s.accepted, s.bonus, round(s.draft_s, 6), round(s.verify_s, 6)]
+                      for g in turns for s in g.steps],
+        }
+        return record
+
+
+def eos_ids(loaded: LoadedModel) -> List[int]:
+    ids = set()
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(ids)
+
+
+def _cut_at_stop_string(text: str, stop_strings: List[str]) -> str:
+    cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory of this sample on CUDA; on CPU the process's peak resident set (it cannot be reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
+    """Run one composition; returns the summary. Raises UserError on bad input before anything is recorded."""
+    from decodelab.fingerprint import environment_fingerprint
+    from decodelab.report import print_summary
+    from decodelab.tracking import Tracker
+
+    if output_dir is not None:
+        cfg = OmegaConf.merge(cfg, {"output_dir": output_dir})
+    run_cfg = to_run_config(cfg)
+    setup_backend(run_cfg.backend)
+    prompts = load_task(run_cfg.task)
+    loaded = load_model(run_cfg.model, run_cfg.backend)
+    runner = PromptRunner(loaded, run_cfg)
+    run_dir = Path(run_cfg.output_dir)
+    run_name = run_cfg.run_name or f"{run_cfg.model.name}|{run_cfg.drafter.name}|{run_cfg.strategy.name}|{run_cfg.task.name}"
+    tracker = Tracker(run_dir, run_cfg.logger, run_name, tags={**run_cfg.tags, "model_fingerprint": loaded.fingerprint})
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker.start(resolved, environment_fingerprint(seeds={"backend": run_cfg.backend.seed, "strategy": runner.seed},
+                                                    threads=torch.get_num_threads()))
+    records: List[dict] = []
+    try:
+        for record in _progress(prompts, runner, run_cfg.progress):
+            tracker.log_sample(record)
+            records.append(record)
+    except BaseException as err:
+        tracker.finish(summarize(records), status="FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    summary = summarize(records)
+    tracker.finish(summary)
+    if run_cfg.print_table:
+        print_summary(summary, run_dir, run_cfg.logger, tracker.remote_failures)
+    return summary
+
+
+def _progress(prompts: List[Prompt], runner: PromptRunner, enabled: bool):
+    from tqdm import tqdm
+
+    tokens = 0
+    wall = 0.0
+    bar = tqdm(prompts, desc="decoding", unit="prompt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    for index, prompt in enumerate(bar):
+        record = runner.run_prompt(index, prompt)
+        tokens += record["new_tokens"]
+        wall += record["wall_s"]
+        bar.set_postfix_str(f"{tokens / wall:.1f} tok/s" if wall > 0 else "")
+        yield record

@@ -1,0 +1,21 @@
+"""The unit of work every task yields: one prompt, possibly multi-turn, with its reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+# Scorers that decodelab.quality knows; a prompt names the one that fits its reference.
+SCORERS = ("rouge_l", "math_exact", "humaneval", "exact")
+
+
+@dataclass
+class Prompt:
+    id: str
+    category: str
+    turns: List[str]
+    reference: Optional[str] = None
+    # Which quality scorer applies (see SCORERS); None: open-ended, only distinct-n/repetition.
+    scorer: Optional[str] = None
+    # Extra data a scorer needs (HumanEval: "test", "entry_point", "prompt").
+    meta: Dict[str, Any] = field(default_factory=dict)

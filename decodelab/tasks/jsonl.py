@@ -1,0 +1,86 @@
+"""Loader for Spec-Bench's question.jsonl format, the interchange format of every text task.
+
+One JSON object per line: ``question_id``, ``category``, ``turns`` (non-empty list of str), optional
+``reference`` (str, or a list of which the first is used: MT-bench gives one per turn) and optional
+``scorer``. Errors name the file and the 1-based line so a user can fix their own file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from decodelab.errors import UserError
+from decodelab.tasks.base import SCORERS, Prompt
+
+# A jsonl line carries no test code, so only the reference-based scorers can be named there.
+JSONL_SCORERS = tuple(s for s in SCORERS if s != "humaneval")
+
+
+def load_jsonl(path: Union[str, Path], key: str = "task.path") -> List[Prompt]:
+    """Read a Spec-Bench-format file into prompts; raise UserError naming the line on bad input."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{key}: file not found: {file}")
+    prompts: List[Prompt] = []
+    seen: Dict[str, int] = {}
+    with file.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{key}: {file} line {lineno}"
+            prompt = _parse_line(line, where)
+            if prompt.id in seen:
+                raise UserError(f"{where}: duplicate question_id {prompt.id!r} (first on line {seen[prompt.id]})")
+            seen[prompt.id] = lineno
+            prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"{key}: {file} holds no questions")
+    return prompts
+
+
+def _parse_line(line: str, where: str) -> Prompt:
+    """Turn one line into a Prompt, checking each field against the format."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    qid = obj.get("question_id")
+    if not isinstance(qid, (int, str)) or isinstance(qid, bool) or qid == "":
+        raise UserError(f"{where}: missing or invalid 'question_id' (int or non-empty str)")
+    category = obj.get("category")
+    if not isinstance(category, str) or not category:
+        raise UserError(f"{where}: missing or invalid 'category' (non-empty str)")
+    turns = obj.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        raise UserError(f"{where}: missing or invalid 'turns' (non-empty list of str)")
+    reference = _reference(obj.get("reference"), where)
+    scorer = _scorer(obj.get("scorer"), reference, where)
+    return Prompt(id=str(qid), category=category, turns=list(turns), reference=reference, scorer=scorer)
+
+
+def _reference(value: Any, where: str) -> Optional[str]:
+    """Accept a str or a list (first item), as Spec-Bench and MT-bench files both occur."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if not value:
+            return None
+        value = value[0]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: invalid 'reference' (str or list of str)")
+    return value
+
+
+def _scorer(value: Any, reference: Optional[str], where: str) -> Optional[str]:
+    """Check the scorer name and that the reference it compares against is there."""
+    if value is None:
+        return None
+    if value not in JSONL_SCORERS:
+        raise UserError(f"{where}: unknown 'scorer' {value!r}, allowed: {', '.join(JSONL_SCORERS)}")
+    if reference is None:
+        raise UserError(f"{where}: scorer {value!r} needs a 'reference'")
+    return value

