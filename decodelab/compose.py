@@ -108,7 +108,7 @@ def one_line(err: BaseException) -> str:
         msg = getattr(exc, "msg", None) or str(exc)
         if full_key:
             first = msg.strip().splitlines()[0]
-            if "not in struct" in first or "Could not find" in first or "is not in" in first:
+            if type(exc).__name__ == "ConfigKeyError" or " not in " in first:
                 return f"{full_key}: unknown key; allowed: {', '.join(_allowed_keys(full_key))}"
             return f"{full_key}: {first}"
     text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -34,11 +35,13 @@ def _fmt(value) -> str:
 
 
 def print_summary(summary: Dict[str, float], run_dir: Path, logger: LoggerConfig, remote_failures: List[str]) -> None:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(summary_table(summary))
     console.print(f"Run folder: {run_dir}")
     if logger.mlflow is not None and not any(f.startswith("mlflow") for f in remote_failures):
         uri = logger.mlflow.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
         if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
             console.print(f"Open the results: mlflow ui --backend-store-uri {uri}")
         else:

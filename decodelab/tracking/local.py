@@ -1,0 +1,124 @@
+"""The local run folder: the source of truth for every run.
+
+Remotes may be down or misconfigured; these files are always written, samples one line at a time with an
+fsync, so a crash loses at most the sample in flight and ``decodelab upload`` can replay the run later.
+
+Layout of a run folder::
+
+    config.yaml       resolved config
+    fingerprint.json  environment fingerprint
+    samples.jsonl     one json record per decoded prompt, appended as it completes
+    summary.json      summary metrics plus "status" and "error", written at finish
+    tracking.json     run name, tags, remote run ids and failures, extra artifacts (for upload)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any, Iterator, Optional
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+FINGERPRINT_FILE = "fingerprint.json"
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+TRACKING_FILE = "tracking.json"
+RUN_FILES = (CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, FINGERPRINT_FILE)
+
+
+def plain(value: Any) -> Any:
+    """Turn a value into json/yaml-safe builtins (unknown objects become str) so writing never fails."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Path):
+        return str(value)
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return plain(item())
+        except Exception:  # noqa: BLE001 - not a scalar after all
+            pass
+    return str(value)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plain(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class LocalRun:
+    """Writer for one run folder."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        self._samples: Optional[IO[str]] = None
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def write_start(self, resolved_config: dict, fingerprint: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(plain(resolved_config), sort_keys=False, allow_unicode=True)
+        self.path(CONFIG_FILE).write_text(text, encoding="utf-8")
+        write_json(self.path(FINGERPRINT_FILE), fingerprint)
+        self.close_samples()
+        self._open_samples(mode="w")  # a new run starts with no samples
+
+    def _open_samples(self, mode: str = "a") -> IO[str]:
+        if self._samples is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._samples = open(self.path(SAMPLES_FILE), mode, encoding="utf-8")
+        return self._samples
+
+    def append_sample(self, record: dict) -> None:
+        """One line per sample, flushed and fsynced: durable before the next prompt starts."""
+        f = self._open_samples()
+        f.write(json.dumps(plain(record), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+    def close_samples(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None
+
+    def write_summary(self, summary: dict, status: str, error: Optional[str]) -> None:
+        self.close_samples()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path(SAMPLES_FILE).touch()  # a run with no samples still has the (empty) file
+        write_json(self.path(SUMMARY_FILE), {**summary, "status": status, "error": error})
+
+    def write_tracking(self, info: dict) -> None:
+        write_json(self.path(TRACKING_FILE), info)
+
+
+def iter_samples(run_dir: str | Path) -> Iterator[dict]:
+    """Records of samples.jsonl; a torn last line (crash mid-write) is skipped."""
+    path = Path(run_dir) / SAMPLES_FILE
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue

@@ -1,0 +1,95 @@
+"""Bad input: one line on stderr naming the bad key/value and what is allowed, exit code 2, nothing recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from decodelab.cli import main
+
+CASES = [
+    # (overrides, words the one-line message must contain)
+    (["model=gpt5"], ["model=gpt5", "smollm2-135m", "tiny-random"]),
+    (["strategy.tempreature=0.5"], ["strategy.tempreature", "unknown key", "temperature"]),
+    (["strategy=sample", "strategy.temperature=hot"], ["strategy.temperature", "hot"]),
+    (["strategy=sample", "strategy.top_p=1.5"], ["strategy.top_p", "(0, 1]", "1.5"]),
+    (["strategy=sample", "strategy.top_p=0"], ["strategy.top_p", "(0, 1]"]),
+    (["strategy=sample", "strategy.temperature=-0.1"], ["strategy.temperature", ">= 0"]),
+    (["strategy=sample", "strategy.top_k=-3"], ["strategy.top_k", ">= 0"]),
+    (["strategy=sample", "strategy.min_p=1.2"], ["strategy.min_p", "[0, 1]"]),
+    (["task.max_new_tokens=0"], ["task.max_new_tokens", ">= 1"]),
+    (["task=jsonl", "task.path=/nonexistent/questions.jsonl"], ["task.path", "not found", "/nonexistent/questions.jsonl"]),
+    (["model.package=not-a-real-package-xyz"], ["not-a-real-package-xyz", "pip install"]),
+    (["model.gguf_file=missing.gguf"], ["missing.gguf"]),
+    (["backend.dtype=float8"], ["backend.dtype", "float8", "bfloat16"]),
+    (["task=nope"], ["task=nope", "specbench-mini", "humaneval"]),
+    (["task.categories=[poetry]"], ["task.categories", "poetry", "summarization"]),
+    (["model=tiny-random", "model.num_heads=3"], ["model.hidden_size", "divisible"]),
+]
+
+
+def _run_cli(args, capsys, cwd: Path, monkeypatch):
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *args])
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def _assert_one_line_error(code, err, words):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("decodelab: error: ")
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("args,words", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_one_line_exit_2(args, words, capsys, tmp_path, monkeypatch):
+    code, err = _run_cli(args, capsys, tmp_path, monkeypatch)
+    _assert_one_line_error(code, err, words)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_malformed_jsonl_names_the_line(capsys, tmp_path, monkeypatch):
+    path = tmp_path / "q.jsonl"
+    good = json.dumps({"question_id": 1, "category": "qa", "turns": ["hi"]})
+    path.write_text(good + "\n" + good.replace('"question_id": 1', '"question_id": 2') + "\n{not json\n")
+    code, err = _run_cli(["task=jsonl", f"task.path={path}"], capsys, tmp_path, monkeypatch)
+    _assert_one_line_error(code, err, ["line 3", str(path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(capsys, tmp_path, monkeypatch):
+    code, err = _run_cli(["backend=cuda"], capsys, tmp_path, monkeypatch)
+    _assert_one_line_error(code, err, ["backend.device", "cuda", "not available"])
+
+
+def test_multirun_checks_every_job_before_starting(capsys, tmp_path, monkeypatch):
+    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=0.9,1.5", "model=tiny-random", "logger=none"],
+                         capsys, tmp_path, monkeypatch)
+    _assert_one_line_error(code, err, ["strategy.top_p", "1.5"])
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "frobnicate" in capsys.readouterr().err
+
+
+def test_real_cli_process_exit_code(tmp_path):
+    """The installed console script, as a user runs it."""
+    exe = Path(sys.executable).with_name("decodelab")
+    proc = subprocess.run([str(exe), "run", "strategy=sample", "strategy.top_p=2"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    _assert_one_line_error(proc.returncode, proc.stderr.strip(), ["strategy.top_p"])
