@@ -82,12 +82,12 @@ def _list() -> None:
 def _run(args: List[str]) -> None:
     from decodelab.compose import validate_overrides
 
+    from hydra._internal.utils import get_args_parser
+
     register_resolvers()
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    multirun = "-m" in flags or "--multirun" in flags
-    if not any(f in flags for f in ("--help", "-h", "--hydra-help", "--info")):
-        validate_overrides(overrides, multirun=multirun)
+    parsed = get_args_parser().parse_args(args)  # Hydra's own flags: --cfg job, -m, --info, ...
+    if not (parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion):
+        validate_overrides(parsed.overrides, multirun=parsed.multirun)
     _hydra_app(args)
 
 
