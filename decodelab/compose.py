@@ -41,12 +41,16 @@ def validate(cfg: DictConfig) -> None:
     from decodelab.models import check_model_available, resolve_device
     from decodelab.tasks import load_task
 
+    from decodelab.drafters import drafter_config
+
     parts = {}
     for group in VALIDATED_GROUPS:
         try:
             parts[group] = OmegaConf.to_object(cfg[group])
         except OmegaConfBaseException as err:
             raise UserError(one_line(err)) from None
+        if group == "drafter":
+            parts[group] = drafter_config(parts[group])
         parts[group].validate(group)
     run = RunConfig(**parts)
     resolve_device(run.backend)

@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 KERNEL_PROVIDERS = ("torch", "triton")
 TASK_SOURCES = ("specbench_mini", "mtbench", "humaneval", "jsonl")
+ACCEPTANCE_RULES = ("lossless", "typical")
 WANDB_MODES = ("offline", "online", "auto", "disabled")
 
 
@@ -116,6 +117,12 @@ class StrategyConfig:
     repetition_penalty: float = 1.0
     # null: use backend.seed.
     seed: Optional[int] = None
+    # Acceptance rule when a drafter proposes tokens. Greedy always uses exact match.
+    # lossless: speculative sampling (Leviathan et al. / Chen et al.); typical: typical acceptance
+    # (Medusa), lossy and marked lossy in every record.
+    acceptance: str = "lossless"
+    typical_epsilon: float = 0.09
+    typical_delta: float = 0.3
 
     def validate(self, key: str = "strategy") -> None:
         check(self.temperature >= 0, f"{key}.temperature", f"must be >= 0, got {self.temperature}")
@@ -127,18 +134,23 @@ class StrategyConfig:
         check(0 <= self.epsilon_cutoff < 1, f"{key}.epsilon_cutoff", f"must be in [0, 1), got {self.epsilon_cutoff}")
         check(self.repetition_penalty > 0, f"{key}.repetition_penalty",
               f"must be > 0 (1 disables), got {self.repetition_penalty}")
+        _one_of(f"{key}.acceptance", self.acceptance, ACCEPTANCE_RULES)
         if self.do_sample:
             check(self.temperature > 0, f"{key}.temperature", "must be > 0 when do_sample=true (use strategy=greedy)")
 
 
 @dataclass
 class DrafterConfig:
-    """Who proposes tokens. ``none`` is plain autoregressive decoding."""
+    """Who proposes tokens. ``none`` is plain autoregressive decoding.
+
+    Each drafter subclasses this with its own fields (decodelab/drafters/<name>.py); the run config
+    holds the drafter untyped and ``drafters.drafter_config`` types it by ``name``.
+    """
 
     name: str = "none"
 
     def validate(self, key: str = "drafter") -> None:
-        _one_of(f"{key}.name", self.name, ("none",))
+        """Subclasses check their own ranges; the name was checked when the schema was chosen."""
 
 
 @dataclass
@@ -201,7 +213,8 @@ class LoggerConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    # Typed by drafters.drafter_config from its ``name`` (each drafter has its own schema).
+    drafter: Any = field(default_factory=lambda: {"name": "none"})
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -233,5 +246,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise UserError(one_line(err)) from None
+    from decodelab.drafters import drafter_config
+
+    run.drafter = drafter_config(run.drafter)
     run.validate()
     return run

@@ -10,7 +10,9 @@ from collections import defaultdict
 from statistics import mean
 from typing import Dict, Iterable, List, Sequence
 
+from decodelab.baseline import bootstrap_speedup
 from decodelab.engine import Generation
+from decodelab.telemetry import acceptance_stats, cost_model, flat_metrics, merge_steps
 
 HEADLINE = ("throughput_tok_s", "mean_sample_tok_s", "ttft_s", "tpot_s", "new_tokens", "peak_mem_mb")
 
@@ -27,6 +29,7 @@ def sample_timing(turns: Sequence[Generation]) -> Dict[str, float]:
         "tpot_s": (wall - ttft_total) / after_first if after_first > 0 else 0.0,
         "tok_s": new_tokens / wall if wall > 0 else 0.0,
         "target_forwards": sum(g.target_forwards for g in turns),
+        "draft_forwards": sum(g.draft_forwards for g in turns),
     }
 
 
@@ -65,4 +68,36 @@ def _aggregate(samples: List[dict]) -> Dict[str, float]:
         for key, value in s.get("quality", {}).items():
             quality[key].append(value)
     out.update({key: mean(values) for key, values in quality.items()})
+    out.update(_speculative(samples))
     return out
+
+
+def _speculative(samples: List[dict]) -> Dict[str, float]:
+    """Acceptance, losslessness and speedup figures; empty for plain AR runs without a baseline."""
+    with_baseline = [s for s in samples if s.get("baseline")]
+    stats = acceptance_stats(merge_steps(samples))
+    if not stats["drafted_tokens"] and not with_baseline:
+        return {}
+    out: Dict[str, float] = flat_metrics(stats)
+    out["draft_forwards"] = sum(s.get("draft_forwards", 0) for s in samples)
+    checked = [s["lossless"] for s in samples if s.get("lossless") is not None]
+    if checked:
+        out["lossless_rate"] = sum(checked) / len(checked)
+    if any(s.get("lossy") for s in samples):
+        out["lossy"] = 1.0
+    if with_baseline:
+        base = [s["baseline"] for s in with_baseline]
+        out.update(bootstrap_speedup([(s["new_tokens"], s["wall_s"], b["new_tokens"], b["wall_s"])
+                                      for s, b in zip(with_baseline, base)]))
+        out["baseline_throughput_tok_s"] = sum(b["new_tokens"] for b in base) / max(sum(b["wall_s"] for b in base), 1e-12)
+        decode_tokens = sum(b["new_tokens"] - b["turns"] for b in base)
+        ar_step_s = sum(b["wall_s"] - b["ttft_s_total"] for b in base) / decode_tokens if decode_tokens > 0 else None
+        out.update(cost_model(stats, int(out["draft_forwards"]), ar_step_s))
+    return out
+
+
+def list_metrics(samples: Iterable[dict]) -> Dict[str, list]:
+    """Non-scalar figures for summary.json and plots: accepted-per-step histogram, per-position acceptance."""
+    stats = acceptance_stats(merge_steps(samples))
+    return {"accepted_histogram": stats["accepted_histogram"],
+            "per_position_acceptance": stats["per_position_acceptance"]}

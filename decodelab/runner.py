@@ -12,10 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from decodelab.adapter import LMAdapter
+from decodelab.baseline import ARReference, Reference, divergence
 from decodelab.config import BackendConfig, RunConfig, to_run_config
 from decodelab.drafters import build_drafter
 from decodelab.engine import Generation, StopCriteria, decode
-from decodelab.metrics import sample_timing, summarize
+from decodelab.metrics import list_metrics, sample_timing, summarize
+from decodelab.plots import acceptance_plots
 from decodelab.models import LoadedModel, load_model, resolve_device
 from decodelab.sampling import LogitsPipeline
 from decodelab.tasks import load_task
@@ -44,6 +46,17 @@ class PromptRunner:
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded)
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
+        self.reference = self._reference() if run.drafter.name != "none" else None
+
+    def _reference(self) -> ARReference:
+        """The AR baseline of this exact config, cached per everything that changes its tokens or timings."""
+        from dataclasses import asdict
+
+        run = self.run
+        key = {"model": self.loaded.fingerprint, "backend": asdict(run.backend), "strategy": asdict(run.strategy),
+               "max_new_tokens": run.task.max_new_tokens, "stop": list(run.task.stop_strings),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
+        return ARReference(self.target, self.pipeline, self.stop, run.model.cache_dir, key)
 
     def encode(self, messages: List[dict]) -> List[int]:
         model = self.run.model
@@ -56,24 +69,36 @@ class PromptRunner:
         text = "\n\n".join(m["content"] for m in messages)
         return self.tokenizer(text)["input_ids"]
 
-    def generator_for(self, prompt: Prompt) -> torch.Generator:
-        """Seeded per prompt id, so a sample does not change with task order, limit or shuffle."""
+    def seed_for(self, prompt: Prompt, turn: int) -> int:
+        """Seeded per prompt id and turn, so a sample does not change with task order, limit or shuffle."""
+        return self.seed * 1_000_003 + zlib.crc32(prompt.id.encode()) + turn
+
+    def generator_for(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.target.device)
-        generator.manual_seed(self.seed * 1_000_003 + zlib.crc32(prompt.id.encode()))
+        generator.manual_seed(seed)
         return generator
 
     def run_prompt(self, index: int, prompt: Prompt) -> dict:
         from decodelab.quality import score
 
         _reset_peak_memory(self.target.device)
-        generator = self.generator_for(prompt)
         messages: List[dict] = []
         turns: List[Generation] = []
         outputs: List[str] = []
-        for turn in prompt.turns:
+        references: List[Reference] = []
+        divergences: List[Optional[dict]] = []
+        for turn_index, turn in enumerate(prompt.turns):
             messages.append({"role": "user", "content": turn})
-            generation = decode(self.target, self.encode(messages), pipeline=self.pipeline, drafter=self.drafter,
-                                stop=self.stop, generator=generator)
+            input_ids = self.encode(messages)
+            seed = self.seed_for(prompt, turn_index)
+            if self.reference is not None:
+                references.append(self.reference.get(input_ids, seed))
+            # Every decode starts from an empty cache: equal footing for baseline, drafters and turns.
+            self.target.reset()
+            generation = decode(self.target, input_ids, pipeline=self.pipeline, drafter=self.drafter,
+                                stop=self.stop, generator=self.generator_for(seed))
+            if references and self.pipeline.greedy:
+                divergences.append(divergence(self.target, input_ids, references[-1].tokens, generation.tokens))
             text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
             text = _cut_at_stop_string(text, self.run.task.stop_strings)
             messages.append({"role": "assistant", "content": text})
@@ -88,8 +113,23 @@ class PromptRunner:
             "quality": score(prompt, "\n".join(outputs)),
             "steps": [[s.drafted, s.accepted, s.bonus, round(s.draft_s, 6), round(s.verify_s, 6)]
                       for g in turns for s in g.steps],
+            "lossy": any(getattr(g, "lossy", False) for g in turns),
         }
+        if references:
+            record["baseline"] = {"new_tokens": sum(len(r.tokens) for r in references),
+                                  "wall_s": sum(r.wall_s for r in references),
+                                  "ttft_s_total": sum(r.ttft_s for r in references), "turns": len(references),
+                                  "cached": all(r.cached for r in references)}
+        if divergences:
+            record["lossless"] = all(d is None for d in divergences)
+            record["divergences"] = [dict(turn=i, **d) for i, d in enumerate(divergences) if d is not None]
         return record
+
+
+def _cpu_model() -> str:
+    from decodelab.fingerprint import cpu_model
+
+    return cpu_model() or "unknown"
 
 
 def eos_ids(loaded: LoadedModel) -> List[int]:
@@ -149,7 +189,9 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
         tracker.finish(summarize(records), status="FAILED", error=f"{type(err).__name__}: {err}")
         raise
     summary = summarize(records)
-    tracker.finish(summary)
+    lists = list_metrics(records)
+    plots = acceptance_plots(lists["accepted_histogram"], lists["per_position_acceptance"], run_dir, run_name)
+    tracker.finish({**summary, **lists} if plots else summary, artifacts=plots)
     if run_cfg.print_table:
         print_summary(summary, run_dir, run_cfg.logger, tracker.remote_failures)
     return summary

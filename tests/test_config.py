@@ -26,8 +26,12 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", all_options())
 def test_every_config_composes(group, option):
     cfg = compose([f"{group}={option}", *NEEDS_VALUE.get((group, option), []), "output_dir=unused"])
+    from decodelab.drafters import drafter_config
+
     for part in VALIDATED_GROUPS:
         node = OmegaConf.to_object(cfg[part])
+        if part == "drafter":
+            node = drafter_config(node)
         if (group, option) not in NEEDS_VALUE:
             node.validate(part)
     if (group, option) not in NEEDS_VALUE:
@@ -41,7 +45,7 @@ def test_defaults_are_the_quickstart_parts():
     assert cfg.drafter.name == "none" and cfg.strategy.do_sample is False
     assert cfg.task.name == "specbench-mini" and cfg.logger.mlflow is not None
     quick = compose(["experiment=quickstart", "output_dir=x"])
-    assert quick.tags.experiment == "quickstart" and quick.task.max_new_tokens == 96
+    assert quick.tags.experiment == "quickstart" and quick.task.max_new_tokens == 64
 
 
 def test_logger_list_selects_both():

@@ -1,21 +1,62 @@
-"""Drafters (proposers): who proposes tokens. Adding one means one module here and one conf/drafter YAML."""
+"""Drafters (proposers): who proposes tokens. Adding one means one module here and one conf/drafter YAML:
+the module defines a Drafter subclass with a ``name`` and its config schema as ``config_class``; the
+registry finds it by importing every module of this package."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Dict, Type
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from decodelab.config import DrafterConfig
 from decodelab.drafters.base import Draft, Drafter
-from decodelab.drafters.none import NoDrafter
-from decodelab.errors import ConfigError
+from decodelab.errors import ConfigError, UserError
 
-REGISTRY = {"none": NoDrafter}
+
+
+def _discover() -> Dict[str, Type[Drafter]]:
+    found: Dict[str, Type[Drafter]] = {}
+    for module_info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Drafter) and value.__module__ == module.__name__ \
+                    and getattr(value, "name", None):
+                found[value.name] = value
+    return dict(sorted(found.items()))
+
+
+REGISTRY: Dict[str, Type[Drafter]] = _discover()
+
+
+def drafter_config(node: Any) -> DrafterConfig:
+    """Type an untyped drafter node by its name: unknown keys and wrong types fail here, in one line."""
+    if isinstance(node, DrafterConfig):
+        return node
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
+    name = node.get("name", None)
+    if name not in REGISTRY:
+        raise ConfigError("drafter.name", f"unknown drafter {name!r}, available: {', '.join(REGISTRY)}")
+    schema = REGISTRY[name].config_class
+    allowed = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        if key not in allowed:
+            raise ConfigError(f"drafter.{key}", f"unknown key for drafter={name}; allowed: {', '.join(allowed)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        typed: DrafterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        from decodelab.compose import one_line
+
+        raise UserError("drafter." + one_line(err)) from None
+    return typed
 
 
 def build_drafter(cfg: DrafterConfig, **parts) -> Drafter:
-    try:
-        cls = REGISTRY[cfg.name]
-    except KeyError:
-        raise ConfigError("drafter.name", f"unknown drafter {cfg.name!r}, available: {', '.join(REGISTRY)}") from None
-    return cls(cfg, **parts)
+    return REGISTRY[cfg.name](cfg, **parts)
 
 
-__all__ = ["Draft", "Drafter", "build_drafter", "REGISTRY"]
+__all__ = ["Draft", "Drafter", "build_drafter", "drafter_config", "REGISTRY"]

@@ -9,6 +9,9 @@ from decodelab.drafters.base import Draft, Drafter
 
 
 class NoDrafter(Drafter):
+    name = "none"
+    config_class = DrafterConfig
+
     def __init__(self, cfg: DrafterConfig, **_parts):
         self.cfg = cfg
 

@@ -1,0 +1,90 @@
+"""Acceptance telemetry from per-step records (DESIGN.md section 3).
+
+A step record is ``[drafted, accepted, bonus, draft_s, verify_s]``. alpha = accepted / drafted;
+tau = (accepted + bonus) / verification steps (bonus included, as vLLM reports it).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence
+
+Step = Sequence[float]
+
+
+def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
+    """alpha, tau, per-position acceptance and the accepted-per-step histogram over ``steps``."""
+    steps = list(steps)
+    drafted = sum(int(s[0]) for s in steps)
+    accepted = sum(int(s[1]) for s in steps)
+    bonus = sum(int(s[2]) for s in steps)
+    longest = max((int(s[0]) for s in steps), default=0)
+    tried = [0] * longest
+    kept = [0] * longest
+    histogram = [0] * (longest + 1)
+    for step in steps:
+        for position in range(int(step[0])):
+            tried[position] += 1
+            kept[position] += position < int(step[1])
+        histogram[int(step[1])] += 1
+    stats: Dict[str, object] = {
+        "verify_steps": len(steps),
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "mean_accepted_length": (accepted + bonus) / len(steps) if steps else 0.0,
+        "mean_draft_length": drafted / len(steps) if steps else 0.0,
+        "draft_s": sum(float(s[3]) for s in steps),
+        "verify_s": sum(float(s[4]) for s in steps),
+        "accepted_histogram": histogram,
+        "per_position_acceptance": [k / t if t else 0.0 for k, t in zip(kept, tried)],
+    }
+    if drafted:
+        stats["acceptance_rate"] = accepted / drafted
+    return stats
+
+
+def expected_tokens_per_step(alpha: float, k: float) -> float:
+    """Leviathan et al.: E[tokens per step] = (1 - alpha^(k+1)) / (1 - alpha), i.i.d. acceptance alpha."""
+    if alpha >= 1.0:
+        return k + 1
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def predicted_speedup(alpha: float, k: float, draft_cost: float, verify_cost: float = 1.0) -> float:
+    """Predicted speedup over AR: expected tokens per step over the step's cost in AR-token units.
+
+    ``draft_cost``: drafting time per step / one AR step; ``verify_cost``: one target forward over
+    k + 1 tokens / one AR step (1 in Leviathan et al.'s model; measured, it grows with k on a CPU).
+    """
+    return expected_tokens_per_step(alpha, k) / (draft_cost + verify_cost)
+
+
+def cost_model(stats: Dict[str, object], draft_forwards: int, ar_step_s: Optional[float]) -> Dict[str, float]:
+    """Draft/target cost ratio and predicted speedups, given the AR per-token time of the baseline."""
+    steps = int(stats["verify_steps"])  # type: ignore[arg-type]
+    if not steps or not ar_step_s or "acceptance_rate" not in stats:
+        return {}
+    alpha = float(stats["acceptance_rate"])  # type: ignore[arg-type]
+    k = float(stats["mean_draft_length"])  # type: ignore[arg-type]
+    draft_cost = float(stats["draft_s"]) / steps / ar_step_s  # type: ignore[arg-type]
+    verify_cost = float(stats["verify_s"]) / steps / ar_step_s  # type: ignore[arg-type]
+    out = {
+        "draft_cost_per_step": draft_cost,
+        "verify_cost_per_step": verify_cost,
+        "predicted_speedup": predicted_speedup(alpha, k, draft_cost, verify_cost),
+        "predicted_speedup_ideal_verify": predicted_speedup(alpha, k, draft_cost, 1.0),
+    }
+    if draft_forwards:
+        out["draft_target_cost_ratio"] = float(stats["draft_s"]) / draft_forwards / ar_step_s  # type: ignore[arg-type]
+    return out
+
+
+def flat_metrics(stats: Dict[str, object]) -> Dict[str, float]:
+    """The scalar entries (what MLflow takes as metrics), with per-position rates as pos_<i>."""
+    out = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+    for position, rate in enumerate(stats.get("per_position_acceptance", []) or []):  # type: ignore[union-attr]
+        out[f"acceptance_rate_pos_{position}"] = float(rate)
+    return out
+
+
+def merge_steps(samples: Iterable[dict]) -> List[Step]:
+    return [step for sample in samples for step in sample.get("steps", [])]
