@@ -35,14 +35,15 @@ class Reference:
 
 class ARReference:
     def __init__(self, target: LMAdapter, pipeline: LogitsPipeline, stop: StopCriteria, cache_dir: str,
-                 key_parts: Dict[str, object]):
+                 key_parts: Dict[str, object], use_cache: bool = True):
         self.target = target
         self.pipeline = pipeline
         self.stop = stop
         self.drafter = NoDrafter(DrafterConfig())
         digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
         self.path = Path(os.path.expanduser(cache_dir)) / "ar_reference" / f"{digest}.jsonl"
-        self.entries: Dict[str, Reference] = self._load()
+        self.use_cache = use_cache
+        self.entries: Dict[str, Reference] = self._load() if use_cache else {}
 
     def _load(self) -> Dict[str, Reference]:
         entries: Dict[str, Reference] = {}
@@ -63,6 +64,8 @@ class ARReference:
                                 stop=self.stop, generator=_generator(self.target.device, seed))
             reference = Reference(generation.tokens, generation.wall_s, generation.ttft_s)
             self.entries[key] = reference
+            if not self.use_cache:
+                return reference
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"key": key, **asdict(reference), "cached": None}) + "\n")

@@ -221,6 +221,9 @@ class RunConfig:
     experiment: str = "default"
     run_name: Optional[str] = None
     output_dir: str = "${hydra:runtime.output_dir}"
+    # AR baseline for runs with a drafter (losslessness + speedup): cached (reuse the one on record for
+    # this exact config), fresh (decode it again, alternating with the drafter), none (skip both).
+    baseline: str = "cached"
     progress: bool = True
     print_table: bool = True
     tags: Dict[str, str] = field(default_factory=dict)
@@ -228,6 +231,7 @@ class RunConfig:
     def validate(self) -> None:
         for part in ("model", "backend", "drafter", "strategy", "task", "logger"):
             getattr(self, part).validate(part)
+        _one_of("baseline", self.baseline, ("cached", "fresh", "none"))
 
 
 def register_configs() -> None:

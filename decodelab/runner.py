@@ -46,7 +46,7 @@ class PromptRunner:
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded)
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
-        self.reference = self._reference() if run.drafter.name != "none" else None
+        self.reference = self._reference() if run.drafter.name != "none" and run.baseline != "none" else None
 
     def _reference(self) -> ARReference:
         """The AR baseline of this exact config, cached per everything that changes its tokens or timings."""
@@ -56,7 +56,8 @@ class PromptRunner:
         key = {"model": self.loaded.fingerprint, "backend": asdict(run.backend), "strategy": asdict(run.strategy),
                "max_new_tokens": run.task.max_new_tokens, "stop": list(run.task.stop_strings),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
-        return ARReference(self.target, self.pipeline, self.stop, run.model.cache_dir, key)
+        return ARReference(self.target, self.pipeline, self.stop, run.model.cache_dir, key,
+                           use_cache=run.baseline == "cached")
 
     def encode(self, messages: List[dict]) -> List[int]:
         model = self.run.model

@@ -1,0 +1,102 @@
+"""drafter=prompt_lookup: Prompt Lookup Decoding (Saxena, 2023; transformers' PromptLookupCandidateGenerator).
+
+Training-free and deterministic. The last n tokens of the context (n from ``max_ngram_size`` down to
+``min_ngram_size``) are looked up in the prompt and the text generated so far; the tokens that followed
+their most recent earlier occurrence are the draft (a chain, at most ``num_speculative_tokens`` long).
+
+Unlike transformers (which rescans the whole context with ``unfold`` every step and takes the first,
+i.e. earliest, occurrence), this keeps an incremental index: one dict per n from n-gram to the start of
+its latest occurrence that is followed by at least one token. Each step only indexes the tokens
+committed since the previous call, so a step costs O(new tokens x n_sizes x max_ngram_size) plus
+O(n_sizes x max_ngram_size) for the lookups, independent of the context length (apart from the
+O(context) prefix check that detects a context which is not an extension of the indexed one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from decodelab.config import DrafterConfig
+from decodelab.drafters.base import Draft, Drafter
+from decodelab.errors import check
+
+
+@dataclass
+class PromptLookupConfig(DrafterConfig):
+    name: str = "prompt_lookup"
+    # Longest draft proposed per step.
+    num_speculative_tokens: int = 10
+    # The n-gram sizes matched against the context, longest first.
+    max_ngram_size: int = 3
+    min_ngram_size: int = 1
+
+    def validate(self, key: str = "drafter") -> None:
+        check(self.num_speculative_tokens >= 1, f"{key}.num_speculative_tokens",
+              f"must be >= 1, got {self.num_speculative_tokens}")
+        check(self.max_ngram_size >= 1, f"{key}.max_ngram_size", f"must be >= 1, got {self.max_ngram_size}")
+        check(self.min_ngram_size >= 1, f"{key}.min_ngram_size", f"must be >= 1, got {self.min_ngram_size}")
+        check(self.min_ngram_size <= self.max_ngram_size, f"{key}.min_ngram_size",
+              f"must be <= drafter.max_ngram_size={self.max_ngram_size}, got {self.min_ngram_size}")
+
+
+class NgramIndex:
+    """For each n in ``sizes``: n-gram -> start of its latest occurrence followed by at least one token.
+
+    ``extend`` indexes the n-grams that end before the last token of ``tokens``; the n-gram ending at
+    the very end has no continuation yet and is indexed once a token follows it.
+    """
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = list(sizes)
+        self.tables: Dict[int, Dict[Tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.tokens: List[int] = []
+
+    def extend(self, new: Sequence[int]) -> None:
+        tokens = self.tokens
+        old_len = len(tokens)
+        tokens.extend(new)
+        # An n-gram tokens[s:s+n] becomes indexable once tokens[s+n] exists: ends e = s+n in [old_len-1, len-1).
+        for end in range(max(old_len, 1), len(tokens)):
+            for n in self.sizes:
+                start = end - n
+                if start < 0:
+                    break  # sizes are ascending
+                self.tables[n][tuple(tokens[start:end])] = start
+
+    def lookup(self, n: int, key: Tuple[int, ...]) -> int:
+        return self.tables[n].get(key, -1)
+
+
+class PromptLookupDrafter(Drafter):
+    name = "prompt_lookup"
+    config_class = PromptLookupConfig
+
+    def __init__(self, cfg: PromptLookupConfig, **_parts):
+        self.cfg = cfg
+        self._index = NgramIndex(range(cfg.min_ngram_size, cfg.max_ngram_size + 1))
+
+    def reset(self, prompt_ids: Sequence[int]) -> None:
+        self._index = NgramIndex(self._index.sizes)
+
+    def _sync(self, context: List[int]) -> None:
+        """Index the tokens added since the last call; rebuild when the context is not an extension."""
+        indexed = self._index.tokens
+        if len(context) < len(indexed) or context[:len(indexed)] != indexed:
+            self._index = NgramIndex(self._index.sizes)
+            indexed = self._index.tokens
+        if len(context) > len(indexed):
+            self._index.extend(context[len(indexed):])
+
+    def propose(self, context: Sequence[int]) -> Draft:
+        context = context if isinstance(context, list) else list(context)
+        self._sync(context)
+        length = len(context)
+        for n in reversed(self._index.sizes):
+            if n >= length:
+                continue
+            start = self._index.lookup(n, tuple(context[length - n:]))
+            if start >= 0:
+                follow = start + n
+                return Draft(tokens=context[follow:follow + self.cfg.num_speculative_tokens])
+        return Draft(tokens=[])
