@@ -1,7 +1,8 @@
 """The LM adapter: the only place that talks to a transformers causal LM during decoding.
 
 It owns one KV cache and the token ids that cache holds, so callers think in tokens, not tensors:
-prefill a prompt, run the model over new tokens, crop back to a length.
+prefill a prompt, run the model over new tokens (a chain, or a token tree under a tree attention
+mask), crop back to a length, or keep only chosen positions (the accepted path of a tree).
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from typing import List, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from decodelab import tree
+
+# Attention implementations whose custom 4-D additive mask path is tested (flash_attention_2 takes no mask;
+# flex_attention would want a BlockMask).
+TREE_ATTENTION = ("eager", "sdpa")
 
 
 class LMAdapter:
@@ -47,6 +54,61 @@ class LMAdapter:
         self.tokens.extend(ids)
         self.forwards += 1
         return out.logits[0].float()
+
+    @torch.inference_mode()
+    def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+        """Run the root ``tokens[0]`` and the tree nodes ``tokens[1:]`` in one forward; logits [len(tokens), vocab].
+
+        Node i (row i + 1) attends to the whole cache, the root, its ancestors and itself, at position
+        ``cached + depth``, so its logits equal those of running its root-to-node path as a chain. The
+        cache then holds every node in draft order: follow with :meth:`keep` (or :meth:`crop`).
+        """
+        tree.check_parents(parents)
+        if len(parents) != len(tokens) - 1:
+            raise ValueError(f"forward_tree needs the root plus one token per parent: {len(tokens)} tokens, "
+                             f"{len(parents)} parents")
+        self._check_tree_support()
+        past = len(self.tokens)
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(input_ids=torch.tensor([list(tokens)], dtype=torch.long, device=self.device),
+                         attention_mask=tree.attention_mask(parents, past, dtype, self.device),
+                         position_ids=tree.position_ids(parents, past, self.device),
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.tokens.extend(tokens)
+        self.forwards += 1
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only the cached positions ``indices`` (ascending), in that order; drop the rest.
+
+        After a tree forward this compacts the accepted path into a plain sequence. Positions before
+        the first gap stay where they are; the tail is moved down in place, then the cache is cropped,
+        so the cost is the kept tail, not the whole cache.
+        """
+        indices = list(indices)
+        ascending = all(a < b for a, b in zip(indices, indices[1:]))
+        if not ascending or (indices and not 0 <= indices[0] <= indices[-1] < len(self.tokens)):
+            raise ValueError(f"keep needs ascending positions below {len(self.tokens)}, got {indices}")
+        start = _common_prefix(indices, range(len(indices)))
+        if start < len(indices):
+            src = torch.tensor(indices[start:], dtype=torch.long, device=self.device)
+            for layer in self.cache.layers:
+                if layer.is_initialized and layer.keys.numel():
+                    layer.keys[..., start:len(indices), :] = layer.keys.index_select(-2, src)
+                    layer.values[..., start:len(indices), :] = layer.values.index_select(-2, src)
+        kept = [self.tokens[i] for i in indices]
+        self.crop(len(indices))
+        self.tokens = kept
+
+    def _check_tree_support(self) -> None:
+        """Tree masks need a 4-D-mask attention and a cache whose positions are all the sequence's positions."""
+        impl = getattr(self.model.config, "_attn_implementation", "eager")
+        if impl not in TREE_ATTENTION:
+            raise NotImplementedError(f"token trees need attn_implementation in {TREE_ATTENTION}, got {impl!r}")
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise NotImplementedError("token trees are not supported on models with sliding-window layers")
 
     def crop(self, length: int) -> None:
         """Forget cached tokens beyond ``length`` (rejected draft tokens, an edited conversation)."""

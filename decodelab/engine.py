@@ -2,7 +2,9 @@
 
 prefill -> [draft -> one target forward over (last token + draft) -> verify -> commit -> crop]* ,
 one StepRecord per iteration. Cache invariant between steps: the target cache holds the prompt and
-every committed token except the last one, which is fed at the start of the next forward.
+every committed token except the last one (the *root*), which is fed at the start of the next forward.
+A chain draft is run as a sequence and cropped to the accepted prefix; a token tree is run under a tree
+attention mask and compacted to the accepted path.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from decodelab.adapter import LMAdapter, synchronize
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.sampling import LogitsPipeline
-from decodelab.verify import verify
+from decodelab.verify import Verdict, verify
 
 
 @dataclass
@@ -38,6 +40,9 @@ class Generation:
     steps: List[StepRecord] = field(default_factory=list)
     target_forwards: int = 0
     draft_forwards: int = 0
+    # True when any step used a lossy acceptance rule (typical acceptance): the output does not follow
+    # the target distribution, and every record of this generation must say so.
+    lossy: bool = False
 
 
 class StopCriteria:
@@ -84,25 +89,41 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
     drafter.reset(prompt)
     steps: List[StepRecord] = []
     draft_forwards = 0
+    lossy = False
     ended = stop.check(tokens, 1)
     while ended is None:
         t0 = time.perf_counter()
         draft = drafter.propose(prompt + tokens)
         draft_forwards += draft.forwards
         t1 = time.perf_counter()
-        logits = target.forward([tokens[-1]] + draft.tokens)
-        verdict = verify(draft, logits, pipeline, generator, prompt + tokens)
-        target.crop(len(prompt) + len(tokens) + len(verdict.accepted))
+        verdict = verify_step(target, draft, pipeline, generator, prompt + tokens)
         synchronize(target.device)
         t2 = time.perf_counter()
         new = verdict.accepted + [verdict.bonus]
         tokens.extend(new)
         drafter.update(len(draft), len(verdict.accepted))
         steps.append(StepRecord(len(draft), len(verdict.accepted), 1, t1 - t0, t2 - t1))
+        lossy = lossy or verdict.lossy
         ended = stop.check(tokens, len(new))
     keep, reason = ended
     del tokens[keep:]
     wall = time.perf_counter() - start
     return Generation(tokens=tokens, stop_reason=reason, ttft_s=ttft, wall_s=wall, steps=steps,
-                      target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards)
+                      target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards, lossy=lossy)
+
+
+def verify_step(target: LMAdapter, draft: Draft, pipeline: LogitsPipeline, generator: torch.Generator,
+                context: List[int]) -> Verdict:
+    """One target forward over the root (``context[-1]``) and the draft, the verdict, and the cache cut back
+    to the root plus the accepted tokens (the bonus is fed with the next draft)."""
+    cached = len(target.tokens)
+    if draft.parents is None or len(draft) == 0:
+        logits = target.forward([context[-1]] + draft.tokens)
+        verdict = verify(draft, logits, pipeline, generator, context)
+        target.crop(cached + 1 + len(verdict.accepted))
+    else:
+        logits = target.forward_tree([context[-1]] + draft.tokens, draft.parents)
+        verdict = verify(draft, logits, pipeline, generator, context)
+        target.keep(list(range(cached + 1)) + [cached + 1 + node for node in verdict.nodes])
+    return verdict
 
