@@ -89,6 +89,8 @@ def _speculative(samples: List[dict]) -> Dict[str, float]:
         base = [s["baseline"] for s in with_baseline]
         out.update(bootstrap_speedup([(s["new_tokens"], s["wall_s"], b["new_tokens"], b["wall_s"])
                                       for s, b in zip(with_baseline, base)]))
+        # Timings of a cached baseline were taken in an earlier run: say so beside the speedup.
+        out["baseline_cached_fraction"] = sum(bool(b.get("cached")) for b in base) / len(base)
         out["baseline_throughput_tok_s"] = sum(b["new_tokens"] for b in base) / max(sum(b["wall_s"] for b in base), 1e-12)
         decode_tokens = sum(b["new_tokens"] - b["turns"] for b in base)
         ar_step_s = sum(b["wall_s"] - b["ttft_s_total"] for b in base) / decode_tokens if decode_tokens > 0 else None

@@ -12,19 +12,25 @@ from rich.table import Table
 from decodelab.config import LoggerConfig
 
 QUALITY_COLUMNS = ("rouge_l", "exact_match", "pass@1", "distinct_2", "repetition_rate")
+# Shown when the run had a drafter: (summary key, column title).
+SPEC_COLUMNS = (("speedup", "speedup"), ("mean_accepted_length", "tau"), ("acceptance_rate", "alpha"),
+                ("lossless_rate", "lossless"))
 
 
 def summary_table(summary: Dict[str, float]) -> Table:
     categories = sorted(key.split("/", 1)[1] for key in summary if key.startswith("num_samples/"))
     quality = [q for q in QUALITY_COLUMNS if q in summary]
+    spec = [(key, title) for key, title in SPEC_COLUMNS if key in summary]
     table = Table(title="decodelab results", show_lines=False)
-    for column in ("category", "n", "tok/s", "mean tok/s", "TTFT ms", "TPOT ms", "new tokens", *quality):
+    for column in ("category", "n", "tok/s", "mean tok/s", "TTFT ms", "TPOT ms", "new tokens",
+                   *(title for _, title in spec), *quality):
         table.add_column(column, justify="left" if column == "category" else "right")
     for label, suffix in [(c, f"/{c}") for c in categories] + [("overall", "")]:
         row = [label, f"{summary.get('num_samples' + suffix, 0):.0f}",
                f"{summary.get('throughput_tok_s' + suffix, 0):.2f}", f"{summary.get('mean_sample_tok_s' + suffix, 0):.2f}",
                f"{1000 * summary.get('ttft_s' + suffix, 0):.1f}", f"{1000 * summary.get('tpot_s' + suffix, 0):.1f}",
                f"{summary.get('new_tokens' + suffix, 0):.0f}"]
+        row += [_fmt(summary.get(key + suffix)) for key, _ in spec]
         row += [_fmt(summary.get(q + suffix)) for q in quality]
         table.add_row(*row, style="bold" if label == "overall" else None)
     return table

@@ -43,7 +43,8 @@ class PromptRunner:
         self.tokenizer = loaded.tokenizer
         self.target = LMAdapter(loaded.model)
         self.pipeline = LogitsPipeline(run.strategy)
-        self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded)
+        self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
+                                     backend=run.backend)
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
         self.reference = self._reference() if run.drafter.name != "none" and run.baseline != "none" else None

@@ -1,0 +1,159 @@
+"""drafter=layer_skip: self-speculative decoding with the target's own weights (no second copy).
+
+The draft model is the target cut short: the embedding, the first ``exit_layer`` decoder layers (or every
+layer except ``skip_layers``), then the target's final norm and LM head (early exit as in LayerSkip /
+Draft & Verify / SWIFT; training-free here, so acceptance depends on how well the model's intermediate
+layers already predict through its head). The drafter keeps its own KV cache (a transformers
+DynamicCache holding only the layers it runs), kept in step with the context as draft_model does.
+
+Works on llama / qwen2-style models (``model.model`` with embed_tokens, rotary_emb, layers, norm, and
+``model.lm_head``) whose layers all use full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
+from decodelab.draft_length import DraftLengthConfig
+from decodelab.drafters.base import Draft
+from decodelab.drafters.draft_model import ChainDrafter, model_eos_ids, output_vocab, resolve_pipeline
+from decodelab.errors import ConfigError, check
+from decodelab.sampling import LogitsPipeline
+
+SUPPORTED = ("llama", "qwen2")
+
+
+@dataclass
+class LayerSkipConfig(DrafterConfig):
+    name: str = "layer_skip"
+    # Draft with decoder layers [0, exit_layer); null: half of the model's layers (unless skip_layers is set).
+    exit_layer: Optional[int] = None
+    # Alternatively: draft with every layer except these (0-based); needs exit_layer=null.
+    skip_layers: List[int] = field(default_factory=list)
+    # How many tokens to draft per step: decodelab/draft_length.py.
+    length: DraftLengthConfig = field(default_factory=DraftLengthConfig)
+
+    def validate(self, key: str = "drafter") -> None:
+        self.length.validate(f"{key}.length")
+        if self.exit_layer is not None:
+            check(self.exit_layer >= 1, f"{key}.exit_layer", f"must be >= 1 or null, got {self.exit_layer}")
+            check(not self.skip_layers, f"{key}.skip_layers",
+                  "set either drafter.exit_layer or drafter.skip_layers, not both (exit_layer=null to skip layers)")
+        check(all(i >= 0 for i in self.skip_layers), f"{key}.skip_layers",
+              f"layer indices must be >= 0, got {list(self.skip_layers)}")
+
+    def layer_ids(self, num_layers: int, key: str = "drafter") -> List[int]:
+        """The decoder layers the draft runs, in order; range-checked against the model."""
+        if self.skip_layers:
+            bad = [i for i in self.skip_layers if i >= num_layers]
+            check(not bad, f"{key}.skip_layers", f"the model has {num_layers} layers (0..{num_layers - 1}), got {bad}")
+            ids = [i for i in range(num_layers) if i not in set(self.skip_layers)]
+            check(len(ids) >= 1, f"{key}.skip_layers", "must leave at least one layer to draft with")
+            return ids
+        exit_layer = self.exit_layer if self.exit_layer is not None else max(1, num_layers // 2)
+        check(1 <= exit_layer <= num_layers, f"{key}.exit_layer",
+              f"must be in [1, {num_layers}] (the model has {num_layers} layers), got {exit_layer}")
+        return list(range(exit_layer))
+
+
+class EarlyExitLM:
+    """The target run through a subset of its decoder layers, with its own KV cache.
+
+    Same surface as LMAdapter (prefill / forward / crop, ``tokens``, ``forwards``) so the chain drafter
+    uses either. Calls the model's submodules directly; nothing is copied.
+    """
+
+    def __init__(self, model, layer_ids: List[int]):
+        self.model = model
+        self.base = model.model
+        self.config = model.config
+        self.layer_ids = list(layer_ids)
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.tokens: List[int] = []
+        self.forwards = 0
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.config)
+        self.tokens = []
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        ids = list(ids)
+        keep = min(_common_prefix(self.tokens, ids), len(ids) - 1)
+        self.crop(keep)
+        return self.forward(ids[keep:], last_only=True)[-1]
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        hidden = self.base.embed_tokens(input_ids)
+        start = len(self.tokens)
+        position_ids = torch.arange(start, start + input_ids.size(1), device=self.device).unsqueeze(0)
+        # Sized against the first layer we run: the skipped layers' cache entries stay empty.
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=self.cache, position_ids=position_ids, layer_idx=self.layer_ids[0])
+        position_embeddings = self.base.rotary_emb(hidden, position_ids)
+        for i in self.layer_ids:
+            hidden = self.base.layers[i](hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                                         position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        if last_only:
+            hidden = hidden[:, -1:]
+        logits = self.model.lm_head(self.base.norm(hidden))
+        self.tokens.extend(ids)
+        self.forwards += 1
+        return logits[0].float()
+
+    def crop(self, length: int) -> None:
+        if length < len(self.tokens):
+            self.cache.crop(length - len(self.tokens))
+            del self.tokens[length:]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def check_supported(model) -> None:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    base = getattr(model, "model", None)
+    parts = ("embed_tokens", "rotary_emb", "layers", "norm")
+    if model_type not in SUPPORTED or base is None or not all(hasattr(base, p) for p in parts) \
+            or not hasattr(model, "lm_head"):
+        raise ConfigError("drafter.name", f"layer_skip supports {'/'.join(SUPPORTED)}-style models; the target is "
+                          f"{model_type!r} ({type(model).__name__}); use drafter=draft_model or a model-free drafter")
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ConfigError("drafter.name", f"layer_skip needs full-attention layers; the target {model_type!r} has "
+                          f"{sorted(set(layer_types))}")
+
+
+class LayerSkipDrafter(ChainDrafter):
+    name = "layer_skip"
+    config_class = LayerSkipConfig
+
+    def __init__(self, cfg: LayerSkipConfig, *, target, loaded, pipeline: Optional[LogitsPipeline] = None,
+                 strategy: Optional[StrategyConfig] = None, backend: Optional[BackendConfig] = None, **_parts):
+        self.cfg = cfg
+        model = loaded.model
+        check_supported(model)
+        cfg.validate("drafter")
+        self.layer_ids = cfg.layer_ids(int(model.config.num_hidden_layers))
+        pipeline = resolve_pipeline(pipeline, strategy, self.name)
+        seed = pipeline.cfg.seed if pipeline.cfg.seed is not None else (backend.seed if backend else 0)
+        self.vocab = output_vocab(model)
+        self.eos_ids = model_eos_ids(model, loaded.tokenizer)
+        self._init_common(cfg, pipeline, seed, next(model.parameters()).device)
+        self.lm = EarlyExitLM(model, self.layer_ids)
+
+    def propose(self, context: Sequence[int]) -> Draft:
+        return self._draft_chain(context, self.controller.next_length())
