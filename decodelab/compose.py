@@ -52,7 +52,8 @@ def validate(cfg: DictConfig) -> None:
         if group == "drafter":
             parts[group] = drafter_config(parts[group])
         parts[group].validate(group)
-    run = RunConfig(**parts)
+    run = RunConfig(**parts, baseline=cfg.get("baseline", "cached"))
+    run.validate()
     resolve_device(run.backend)
     check_model_available(run.model)
     load_task(run.task)

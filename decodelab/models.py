@@ -212,6 +212,10 @@ def check_model_available(cfg: ModelConfig) -> None:
     elif cfg.source == "hf" and not Path(os.path.expanduser(cfg.path)).exists():
         from huggingface_hub import try_to_load_from_cache
 
-        if try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision) is None:
+        try:
+            cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+        except ValueError:  # not a valid hub id either (e.g. a path that does not exist)
+            cached = None
+        if not isinstance(cached, str):
             raise UserError(f"model.path: '{cfg.path}' is neither a local directory nor in the local Hugging Face "
                             "cache; decodelab never downloads weights at run time")

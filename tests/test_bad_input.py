@@ -31,6 +31,14 @@ CASES = [
     (["task=nope"], ["task=nope", "specbench-mini", "humaneval"]),
     (["task.categories=[poetry]"], ["task.categories", "poetry", "summarization"]),
     (["model=tiny-random", "model.num_heads=3"], ["model.hidden_size", "divisible"]),
+    (["model=hf", "model.path=/nonexistent/model-dir"], ["model.path", "/nonexistent/model-dir", "never downloads"]),
+    (["drafter=warp_drive"], ["drafter=warp_drive", "prompt_lookup"]),
+    (["drafter=prompt_lookup", "drafter.max_ngram_size=0"], ["drafter.max_ngram_size", ">= 1"]),
+    (["drafter=draft_model", "drafter.model=qwen2.5-coder-0.5b"], ["drafter.model", "model@drafter.model"]),
+    (["drafter=draft_model", "+drafter.length.bogus=1"], ["drafter.length.bogus", "policy"]),
+    (["drafter=layer_skip", "drafter.length.policy=magic"], ["drafter.length.policy", "heuristic", "ucb"]),
+    (["strategy=sample", "strategy.acceptance=yolo"], ["strategy.acceptance", "lossless", "typical"]),
+    (["baseline=sometimes"], ["baseline", "fresh"]),
 ]
 
 

@@ -41,10 +41,7 @@ def drafter_config(node: Any) -> DrafterConfig:
     if name not in REGISTRY:
         raise ConfigError("drafter.name", f"unknown drafter {name!r}, available: {', '.join(REGISTRY)}")
     schema = REGISTRY[name].config_class
-    allowed = [f.name for f in dataclasses.fields(schema)]
-    for key in node.keys():
-        if key not in allowed:
-            raise ConfigError(f"drafter.{key}", f"unknown key for drafter={name}; allowed: {', '.join(allowed)}")
+    _check_keys(node, schema, "drafter", name)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         typed: DrafterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -53,6 +50,29 @@ def drafter_config(node: Any) -> DrafterConfig:
 
         raise UserError("drafter." + one_line(err)) from None
     return typed
+
+
+def _check_keys(node: Any, schema: type, prefix: str, name: str) -> None:
+    """Unknown keys, at any depth of nested dataclass fields, named with what is allowed there."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key for drafter={name}; allowed: {', '.join(fields)}")
+        nested = fields[key].type
+        nested = nested if isinstance(nested, type) else _resolve(schema, key)
+        value = node[key]
+        if dataclasses.is_dataclass(nested):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{prefix}.{key}", f"expected a {nested.__name__} block, got {value!r}"
+                                  + ("; pick a model with model@drafter.model=<option> (decodelab list)"
+                                     if key == "model" else ""))
+            _check_keys(value, nested, f"{prefix}.{key}", name)
+
+
+def _resolve(schema: type, key: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(schema).get(key)
 
 
 def build_drafter(cfg: DrafterConfig, **parts) -> Drafter:
