@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -96,13 +96,17 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
         draft = drafter.propose(prompt + tokens)
         draft_forwards += draft.forwards
         t1 = time.perf_counter()
-        verdict = verify_step(target, draft, pipeline, generator, prompt + tokens)
+        context = prompt + tokens
+        verdict, logits = verify_step(target, draft, pipeline, generator, context)
         synchronize(target.device)
         t2 = time.perf_counter()
         new = verdict.accepted + [verdict.bonus]
         tokens.extend(new)
+        # Drafters that learn from the target (token recycling, lookahead) see its logits; counted as draft time.
+        drafter.observe([context[-1]] + draft.tokens, logits)
         drafter.update(len(draft), len(verdict.accepted))
-        steps.append(StepRecord(len(draft), len(verdict.accepted), 1, t1 - t0, t2 - t1))
+        t3 = time.perf_counter()
+        steps.append(StepRecord(len(draft), len(verdict.accepted), 1, (t1 - t0) + (t3 - t2), t2 - t1))
         lossy = lossy or verdict.lossy
         ended = stop.check(tokens, len(new))
     keep, reason = ended
@@ -113,9 +117,9 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
 
 
 def verify_step(target: LMAdapter, draft: Draft, pipeline: LogitsPipeline, generator: torch.Generator,
-                context: List[int]) -> Verdict:
+                context: List[int]) -> Tuple[Verdict, torch.Tensor]:
     """One target forward over the root (``context[-1]``) and the draft, the verdict, and the cache cut back
-    to the root plus the accepted tokens (the bonus is fed with the next draft)."""
+    to the root plus the accepted tokens (the bonus is fed with the next draft). Returns the raw logits too."""
     cached = len(target.tokens)
     if draft.parents is None or len(draft) == 0:
         logits = target.forward([context[-1]] + draft.tokens)
@@ -125,5 +129,5 @@ def verify_step(target: LMAdapter, draft: Draft, pipeline: LogitsPipeline, gener
         logits = target.forward_tree([context[-1]] + draft.tokens, draft.parents)
         verdict = verify(draft, logits, pipeline, generator, context)
         target.keep(list(range(cached + 1)) + [cached + 1 + node for node in verdict.nodes])
-    return verdict
+    return verdict, logits
 

@@ -43,5 +43,9 @@ class Drafter:
     def propose(self, context: Sequence[int]) -> Draft:
         raise NotImplementedError
 
+    def observe(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
+        """The target's raw float32 logits [len(tokens), vocab] from a verification forward over
+        ``tokens`` = [root] + draft tokens; row i predicts what follows the path root -> tokens[i]."""
+
     def update(self, drafted: int, accepted: int) -> None:
         """Feedback after verification, for adaptive drafters."""
