@@ -39,7 +39,7 @@ class LMAdapter:
         at least the last id is always run so that its logits exist.
         """
         ids = list(ids)
-        keep = _common_prefix(self.tokens, ids)
+        keep = common_prefix(self.tokens, ids)
         keep = min(keep, len(ids) - 1)
         self.crop(keep)
         return self.forward(ids[keep:], last_only=True)[-1]
@@ -91,7 +91,7 @@ class LMAdapter:
         ascending = all(a < b for a, b in zip(indices, indices[1:]))
         if not ascending or (indices and not 0 <= indices[0] <= indices[-1] < len(self.tokens)):
             raise ValueError(f"keep needs ascending positions below {len(self.tokens)}, got {indices}")
-        start = _common_prefix(indices, range(len(indices)))
+        start = common_prefix(indices, range(len(indices)))
         if start < len(indices):
             src = torch.tensor(indices[start:], dtype=torch.long, device=self.device)
             for layer in self.cache.layers:
@@ -118,7 +118,7 @@ class LMAdapter:
             del self.tokens[length:]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

@@ -38,3 +38,15 @@ def smollm2_loaded():
 
     run = to_run_config(compose(["model=smollm2-135m", "logger=none", "output_dir=unused"]))
     return load_model(run.model, run.backend)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: a second intra-op thread only contends (many times slower on a loaded
+    2-core machine). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,6 +18,9 @@ from decodelab.models import LoadedModel, load_model
 from decodelab.runner import eos_ids
 from decodelab.sampling import LogitsPipeline
 
+# Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     "Summarize: the quick brown fox jumps over the lazy dog, again and again, near the river bank.",
     "What is 12 times 7? Explain step by step.",
@@ -30,13 +33,6 @@ def _tiny(**fields) -> LoadedModel:
     return load_model(ModelConfig(**{**TINY, **fields}), BackendConfig())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound: extra intra-op threads only contend (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

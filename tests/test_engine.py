@@ -14,6 +14,9 @@ from decodelab.engine import StopCriteria, decode
 from decodelab.runner import eos_ids
 from decodelab.sampling import LogitsPipeline
 
+# Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     "Summarize: the quick brown fox jumps over the lazy dog, again and again, near the river bank.",
     "What is 12 times 7? Explain step by step.",
@@ -21,13 +24,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model: a second intra-op thread only adds contention (60x slower on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _encode(tokenizer, text):

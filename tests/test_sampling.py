@@ -29,6 +29,9 @@ from transformers.generation.logits_process import (
 from decodelab.config import StrategyConfig
 from decodelab.sampling import ORDER, ChainContext, LogitsPipeline
 
+# Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 1000
 ROWS = 8
 SEEDS = (0, 1, 2)
@@ -46,13 +49,6 @@ HF_NAMES: Dict[str, str] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (25x on a loaded 2-core box). Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_logits(seed: int, ties: bool, rows: int = ROWS, vocab: int = VOCAB) -> torch.Tensor:

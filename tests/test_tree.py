@@ -19,12 +19,8 @@ TOKENS = [30, 40, 41, 50, 51, 52, 60, 70]  # the root first, then one token per 
 PROMPT = list(range(5, 29))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,9 @@ from decodelab.sampling import LogitsPipeline
 from decodelab.verify import (Verdict, residual, speculative_sampling, tree_speculative_sampling, typical_threshold,
                               verify)
 
+# Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 12
 # Chi-square at p > 1e-3 (and total variation < 0.03); 4k draws already catch a wrong residual (the power test).
 # The machine is shared, so draws are counted: about 60k verifier calls in all.
@@ -33,13 +36,6 @@ PIPELINES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a loaded box. Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _logits(seed: int, rows: int, vocab: int = VOCAB, scale: float = 2.0) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Set
 
 import torch
 
-from decodelab.adapter import LMAdapter
+from decodelab.adapter import LMAdapter, common_prefix
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
 from decodelab.draft_length import DraftLengthConfig, LengthController, build_controller
 from decodelab.drafters.base import Draft, Drafter
@@ -98,14 +98,6 @@ def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
         return logits[..., :vocab]
     pad = logits.new_full((*logits.shape[:-1], vocab - size), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class ChainDrafter(Drafter):

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
-from transformers import DynamicCache
+
 from transformers.masking_utils import create_causal_mask
 
+from decodelab.adapter import LMAdapter
 from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
 from decodelab.draft_length import DraftLengthConfig
 from decodelab.drafters.base import Draft
@@ -62,32 +63,18 @@ class LayerSkipConfig(DrafterConfig):
         return list(range(exit_layer))
 
 
-class EarlyExitLM:
+class EarlyExitLM(LMAdapter):
     """The target run through a subset of its decoder layers, with its own KV cache.
 
-    Same surface as LMAdapter (prefill / forward / crop, ``tokens``, ``forwards``) so the chain drafter
-    uses either. Calls the model's submodules directly; nothing is copied.
+    An LMAdapter (prefill / crop / ``tokens`` are inherited) whose forward calls the model's submodules
+    directly for the chosen layers only; nothing is copied.
     """
 
     def __init__(self, model, layer_ids: List[int]):
-        self.model = model
+        super().__init__(model)
         self.base = model.model
         self.config = model.config
         self.layer_ids = list(layer_ids)
-        self.device = next(model.parameters()).device
-        self.cache = DynamicCache(config=model.config)
-        self.tokens: List[int] = []
-        self.forwards = 0
-
-    def reset(self) -> None:
-        self.cache = DynamicCache(config=self.config)
-        self.tokens = []
-
-    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        ids = list(ids)
-        keep = min(_common_prefix(self.tokens, ids), len(ids) - 1)
-        self.crop(keep)
-        return self.forward(ids[keep:], last_only=True)[-1]
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
@@ -108,19 +95,6 @@ class EarlyExitLM:
         self.tokens.extend(ids)
         self.forwards += 1
         return logits[0].float()
-
-    def crop(self, length: int) -> None:
-        if length < len(self.tokens):
-            self.cache.crop(length - len(self.tokens))
-            del self.tokens[length:]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def check_supported(model) -> None:
