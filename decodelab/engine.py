@@ -93,10 +93,10 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
     ended = stop.check(tokens, 1)
     while ended is None:
         t0 = time.perf_counter()
-        draft = drafter.propose(prompt + tokens)
+        context = prompt + tokens
+        draft = drafter.propose(context)
         draft_forwards += draft.forwards
         t1 = time.perf_counter()
-        context = prompt + tokens
         verdict, logits = verify_step(target, draft, pipeline, generator, context)
         synchronize(target.device)
         t2 = time.perf_counter()

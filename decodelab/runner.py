@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from decodelab.adapter import LMAdapter
 from decodelab.baseline import ARReference, Reference, divergence
@@ -65,9 +66,7 @@ class PromptRunner:
         if model.system_prompt:
             messages = [{"role": "system", "content": model.system_prompt}] + messages
         if model.chat_template and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
-            return list(ids)
+            return chat_template_ids(self.tokenizer, messages)
         text = "\n\n".join(m["content"] for m in messages)
         return self.tokenizer(text)["input_ids"]
 
@@ -126,6 +125,11 @@ class PromptRunner:
             record["lossless"] = all(d is None for d in divergences)
             record["divergences"] = [dict(turn=i, **d) for i, d in enumerate(divergences) if d is not None]
         return record
+
+
+def chat_template_ids(tokenizer: PreTrainedTokenizerBase, messages: List[dict]) -> List[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant's answer."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def _cpu_model() -> str:

@@ -15,7 +15,7 @@ from decodelab.drafters.none import NoDrafter
 from decodelab.engine import StopCriteria, decode
 from decodelab.errors import ConfigError, UserError
 from decodelab.models import LoadedModel, load_model
-from decodelab.runner import eos_ids
+from decodelab.runner import chat_template_ids, eos_ids
 from decodelab.sampling import LogitsPipeline
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
@@ -41,8 +41,7 @@ def target():
 
 
 def _encode(tokenizer, text):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def _decode(loaded, ids, drafter, max_new_tokens=40, pipeline=GREEDY):

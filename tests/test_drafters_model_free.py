@@ -17,7 +17,7 @@ from decodelab.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDra
 from decodelab.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie
 from decodelab.engine import StopCriteria, decode
 from decodelab.errors import UserError
-from decodelab.runner import eos_ids
+from decodelab.runner import chat_template_ids, eos_ids
 from decodelab.sampling import LogitsPipeline
 
 
@@ -368,8 +368,7 @@ TINY_PROMPTS = [
 
 
 def _encode(tokenizer, text):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def _decode(loaded, ids, drafter, max_new_tokens):

@@ -29,7 +29,7 @@ from decodelab.drafters.token_recycling import (EMPTY, TokenRecyclingConfig, Tok
                                                 tree_template)
 from decodelab.engine import StopCriteria, decode
 from decodelab.errors import UserError
-from decodelab.runner import eos_ids
+from decodelab.runner import chat_template_ids, eos_ids
 from decodelab.sampling import LogitsPipeline
 
 ENGINE_OBSERVES = "observe" in inspect.getsource(engine)
@@ -314,8 +314,7 @@ TREE_DRAFTERS = [("token_recycling", {}, True), ("lookahead", {}, True), ("looka
 
 
 def _encode(tokenizer, text):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def _decode(loaded, target, ids, drafter, max_new_tokens, strategy: Optional[StrategyConfig] = None, seed=0):

@@ -11,7 +11,7 @@ from decodelab.config import DrafterConfig
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.drafters.none import NoDrafter
 from decodelab.engine import StopCriteria, decode
-from decodelab.runner import eos_ids
+from decodelab.runner import chat_template_ids, eos_ids
 from decodelab.sampling import LogitsPipeline
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
@@ -27,8 +27,7 @@ PROMPTS = [
 
 
 def _encode(tokenizer, text):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def _ours(loaded, ids, max_new_tokens, strategy=None, seed=0):
