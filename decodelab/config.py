@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from decodelab.errors import UserError, check
+from decodelab.errors import ConfigError, UserError, check
 
 MODEL_SOURCES = ("gguf_package", "gguf_parts", "hf", "tiny_random")
 DEVICES = ("cpu", "cuda", "mps")
@@ -152,6 +152,12 @@ class DrafterConfig:
     def validate(self, key: str = "drafter") -> None:
         """Subclasses check their own ranges; the name was checked when the schema was chosen."""
 
+    def set_draft_length(self, length: int) -> None:
+        """Apply the run-level ``draft_length`` to this drafter's own field; drafters without one refuse."""
+        raise ConfigError("draft_length", f"drafter={self.name} has no draft length to set; "
+                                          "allowed with: prompt_lookup, suffix, token_recycling, lookahead, "
+                                          "draft_model, layer_skip")
+
 
 @dataclass
 class TaskConfig:
@@ -227,11 +233,24 @@ class RunConfig:
     progress: bool = True
     print_table: bool = True
     tags: Dict[str, str] = field(default_factory=dict)
+    # One draft-length knob for every drafter (each maps it onto its own field, e.g. prompt_lookup's
+    # num_speculative_tokens), so one sweep can grid draft length across drafters; null: the drafter's own.
+    draft_length: Optional[int] = None
+    # Resume: skip when a run of this exact config (hash of the resolved config) already finished under
+    # resume_dir, and complete an unfinished one from its samples.jsonl. null resume_dir: the folder that
+    # holds this run's folder (for a multirun, the folder that holds the sweep folder).
+    resume: bool = False
+    resume_dir: Optional[str] = None
 
     def validate(self) -> None:
         for part in ("model", "backend", "drafter", "strategy", "task", "logger"):
             getattr(self, part).validate(part)
         _one_of("baseline", self.baseline, ("cached", "fresh", "none"))
+
+    def apply_draft_length(self) -> None:
+        if self.draft_length is not None:
+            check(self.draft_length >= 1, "draft_length", f"must be >= 1 or null, got {self.draft_length}")
+            self.drafter.set_draft_length(self.draft_length)
 
 
 def register_configs() -> None:
@@ -253,5 +272,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     from decodelab.drafters import drafter_config
 
     run.drafter = drafter_config(run.drafter)
+    run.apply_draft_length()
     run.validate()
     return run

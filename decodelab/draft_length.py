@@ -52,6 +52,11 @@ class DraftLengthConfig:
     # ucb: cost of one draft forward relative to one target forward (c in Leviathan et al.).
     cost_ratio: float = 0.2
 
+    def set_length(self, length: int) -> None:
+        """The run-level draft_length: the fixed length, the heuristic's start, the confidence rule's cap."""
+        self.k = length
+        self.k_max = max(self.k_max, length) if self.policy != "confidence" else length
+
     def validate(self, key: str = "drafter.length") -> None:
         check(self.policy in POLICIES, f"{key}.policy", f"got {self.policy!r}, allowed: {', '.join(POLICIES)}")
         check(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")

@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +45,29 @@ def resolve_device(backend: BackendConfig) -> torch.device:
     return torch.device(backend.device)
 
 
+# Jobs of a sweep that run in one process (the sequential launcher) share loaded models: a model is
+# loaded once per (model config, device, dtype, attention, compile). Weights are never modified by a run
+# (KV caches live outside the model), so sharing is safe. DECODELAB_MODEL_CACHE=0 turns it off.
+_LOADED: "OrderedDict[str, LoadedModel]" = OrderedDict()
+
+
 def load_model(cfg: ModelConfig, backend: BackendConfig) -> LoadedModel:
+    """The model and tokenizer for ``cfg`` on ``backend``, from this process's cache when already loaded."""
+    capacity = int(os.environ.get("DECODELAB_MODEL_CACHE", "2"))
+    key = json.dumps([asdict(cfg), backend.device, backend.dtype, backend.attn_implementation, backend.compile],
+                     sort_keys=True, default=str)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    loaded = _load_model(cfg, backend)
+    if capacity > 0:
+        _LOADED[key] = loaded
+        while len(_LOADED) > capacity:
+            _LOADED.popitem(last=False)
+    return loaded
+
+
+def _load_model(cfg: ModelConfig, backend: BackendConfig) -> LoadedModel:
     device = resolve_device(backend)
     dtype = DTYPES[backend.dtype]
     if cfg.source == "tiny_random":

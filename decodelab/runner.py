@@ -85,12 +85,14 @@ class PromptRunner:
         _reset_peak_memory(self.target.device)
         messages: List[dict] = []
         turns: List[Generation] = []
+        prompt_tokens: List[List[int]] = []
         outputs: List[str] = []
         references: List[Reference] = []
         divergences: List[Optional[dict]] = []
         for turn_index, turn in enumerate(prompt.turns):
             messages.append({"role": "user", "content": turn})
             input_ids = self.encode(messages)
+            prompt_tokens.append(list(input_ids))
             seed = self.seed_for(prompt, turn_index)
             if self.reference is not None:
                 references.append(self.reference.get(input_ids, seed))
@@ -108,7 +110,7 @@ class PromptRunner:
         record = {
             "index": index, "id": prompt.id, "category": prompt.category, "turns": prompt.turns,
             "outputs": outputs, "reference": prompt.reference,
-            "output_tokens": [g.tokens for g in turns], "stop_reasons": [g.stop_reason for g in turns],
+            "prompt_tokens": prompt_tokens, "output_tokens": [g.tokens for g in turns], "stop_reasons": [g.stop_reason for g in turns],
             **sample_timing(turns),
             "peak_mem_mb": _peak_memory_mb(self.target.device),
             "quality": score(prompt, "\n".join(outputs)),
@@ -168,31 +170,46 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
-    """Run one composition; returns the summary. Raises UserError on bad input before anything is recorded."""
+    """Run one composition; returns the summary (with ``status``). Raises UserError on bad input before
+    anything is recorded. With ``resume``, a config that already finished is not run again (its summary is
+    returned) and an unfinished one continues from the samples it recorded."""
     from decodelab.fingerprint import environment_fingerprint
     from decodelab.report import print_summary
+    from decodelab.resume import config_hash, find_previous
     from decodelab.tracking import Tracker
 
     if output_dir is not None:
         cfg = OmegaConf.merge(cfg, {"output_dir": output_dir})
     run_cfg = to_run_config(cfg)
+    run_dir = Path(run_cfg.output_dir)
+    digest = config_hash(run_cfg)
+    previous = None
+    if run_cfg.resume:
+        resume_dir = Path(run_cfg.resume_dir).expanduser() if run_cfg.resume_dir else run_dir.resolve().parent
+        previous = find_previous(resume_dir, digest, exclude=run_dir)
+        if previous is not None and previous.finished:
+            return _reuse(previous, run_dir, digest)
     setup_backend(run_cfg.backend)
     prompts = load_task(run_cfg.task)
     loaded = load_model(run_cfg.model, run_cfg.backend)
     runner = PromptRunner(loaded, run_cfg)
-    run_dir = Path(run_cfg.output_dir)
     run_name = run_cfg.run_name or f"{run_cfg.model.name}|{run_cfg.drafter.name}|{run_cfg.strategy.name}|{run_cfg.task.name}"
-    tracker = Tracker(run_dir, run_cfg.logger, run_name, tags={**run_cfg.tags, "model_fingerprint": loaded.fingerprint})
+    tags = {**run_cfg.tags, "model_fingerprint": loaded.fingerprint, "config_hash": digest}
+    if previous is not None:
+        tags["resumed_from"] = str(previous.run_dir)
+    tracker = Tracker(run_dir, run_cfg.logger, run_name, tags=tags)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(resolved, environment_fingerprint(seeds={"backend": run_cfg.backend.seed, "strategy": runner.seed},
                                                     threads=torch.get_num_threads()))
+    done = {record["id"]: record for record in previous.samples} if previous is not None else {}
     records: List[dict] = []
     try:
-        for record in _progress(prompts, runner, run_cfg.progress):
+        for record in _progress(prompts, runner, run_cfg.progress, done):
             tracker.log_sample(record)
             records.append(record)
     except BaseException as err:
         tracker.finish(summarize(records), status="FAILED", error=f"{type(err).__name__}: {err}")
+        err.decodelab_recorded = True  # type: ignore[attr-defined]  # the job wrapper must not record it twice
         raise
     summary = summarize(records)
     lists = list_metrics(records)
@@ -200,16 +217,53 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
     tracker.finish({**summary, **lists} if plots else summary, artifacts=plots)
     if run_cfg.print_table:
         print_summary(summary, run_dir, run_cfg.logger, tracker.remote_failures)
-    return summary
+    return {**summary, "status": "FINISHED"}
 
 
-def _progress(prompts: List[Prompt], runner: PromptRunner, enabled: bool):
+def _reuse(previous, run_dir: Path, digest: str) -> Dict[str, float]:
+    """This config already finished: point this run folder at that run instead of decoding again."""
+    from decodelab.sweep_dir import REUSED_FILE
+    from decodelab.tracking.local import write_json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / REUSED_FILE, {"run_dir": str(previous.run_dir), "config_hash": digest})
+    print(f"decodelab: config {digest} already finished in {previous.run_dir}; reusing it (resume=false to re-run)",
+          file=sys.stderr, flush=True)
+    return {**previous.summary, "status": "FINISHED", "reused_from": str(previous.run_dir)}
+
+
+def record_failure(cfg: DictConfig, output_dir: str, error: str) -> None:
+    """A job that failed before its run started (bad combination, model load): a FAILED run folder and
+    remote run, so a sweep's summary and MLflow show it with its error."""
+    from decodelab.config import LoggerConfig
+    from decodelab.tracking import Tracker
+
+    try:
+        logger: Optional[LoggerConfig] = OmegaConf.to_object(cfg.logger)  # type: ignore[assignment]
+    except Exception:  # noqa: BLE001 - the logger config itself may be what is broken
+        logger = None
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001
+        config = OmegaConf.to_container(cfg, resolve=False)
+    name = "|".join(str(OmegaConf.select(cfg, f"{k}.name", default="?")) for k in ("model", "drafter", "strategy", "task"))
+    tracker = Tracker(output_dir, logger or LoggerConfig(), name, tags={"failed_before_start": "true"})
+    tracker.start(config, {})
+    tracker.finish({}, status="FAILED", error=error)
+
+
+def _progress(prompts: List[Prompt], runner: PromptRunner, enabled: bool, done: Dict[str, dict]):
+    """Records in prompt order; a prompt already in ``done`` (recorded by an interrupted run of this
+    config) is taken from there instead of being decoded again."""
     from tqdm import tqdm
 
     tokens = 0
     wall = 0.0
     bar = tqdm(prompts, desc="decoding", unit="prompt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
     for index, prompt in enumerate(bar):
+        if prompt.id in done:
+            yield {**done[prompt.id], "index": index, "resumed": True}
+            continue
         record = runner.run_prompt(index, prompt)
         tokens += record["new_tokens"]
         wall += record["wall_s"]

@@ -82,10 +82,31 @@ def test_cuda_requested_without_cuda(capsys, tmp_path, monkeypatch):
 
 
 def test_multirun_checks_every_job_before_starting(capsys, tmp_path, monkeypatch):
-    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=0.9,1.5", "model=tiny-random", "logger=none"],
+    """Every job of the grid is bad: one line, exit 2, nothing runs."""
+    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=1.5,2.0", "model=tiny-random", "logger=none"],
                          capsys, tmp_path, monkeypatch)
     _assert_one_line_error(code, err, ["strategy.top_p", "1.5"])
     assert not (tmp_path / "multirun").exists()
+
+
+def test_multirun_composition_error_in_one_job_stops_the_sweep(capsys, tmp_path, monkeypatch):
+    """A typo in one value of a grid is bad input, not a failed job: one line, exit 2, nothing runs."""
+    code, err = _run_cli(["-m", "drafter=none,promt_lookup", "model=tiny-random", "logger=none"],
+                         capsys, tmp_path, monkeypatch)
+    _assert_one_line_error(code, err, ["drafter=promt_lookup", "prompt_lookup"])
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_multirun_bad_job_is_warned_then_recorded_failed(capsys, tmp_path, monkeypatch):
+    """One out-of-range point of a grid: warned up front, recorded FAILED, the other job finishes, exit 1."""
+    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=0.9,1.5", "model=tiny-random", "logger=none",
+                          "task.limit=1", "task.max_new_tokens=4", "progress=false", "print_table=false"],
+                         capsys, tmp_path, monkeypatch)
+    assert code == 1 and "Traceback" not in err
+    assert "will fail: strategy.top_p: must be in (0, 1], got 1.5" in err.splitlines()[0]
+    summary = json.loads(next((tmp_path / "multirun").rglob("sweep_summary.json")).read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["FINISHED", "FAILED"]
+    assert "strategy.top_p" in summary["jobs"][1]["error"]
 
 
 def test_unknown_command(capsys):

@@ -49,6 +49,9 @@ class DraftModelConfig(DrafterConfig):
     # How many tokens to draft per step: decodelab/draft_length.py.
     length: DraftLengthConfig = field(default_factory=DraftLengthConfig)
 
+    def set_draft_length(self, length: int) -> None:
+        self.length.set_length(length)
+
     def validate(self, key: str = "drafter") -> None:
         self.model.validate(f"{key}.model")
         self.length.validate(f"{key}.length")

@@ -40,6 +40,9 @@ class LayerSkipConfig(DrafterConfig):
     # How many tokens to draft per step: decodelab/draft_length.py.
     length: DraftLengthConfig = field(default_factory=DraftLengthConfig)
 
+    def set_draft_length(self, length: int) -> None:
+        self.length.set_length(length)
+
     def validate(self, key: str = "drafter") -> None:
         self.length.validate(f"{key}.length")
         if self.exit_layer is not None:

@@ -57,6 +57,9 @@ class LookaheadConfig(DrafterConfig):
     # Also seed the pool with the prompt's n-grams (the reference implementation's POOL_FROM_PROMPT).
     pool_from_prompt: bool = False
 
+    def set_draft_length(self, length: int) -> None:
+        self.ngram_size = length + 1  # a verified n-gram drafts N - 1 tokens
+
     def validate(self, key: str = "drafter") -> None:
         check(1 <= self.window <= 64, f"{key}.window", f"must be in [1, 64], got {self.window}")
         check(2 <= self.ngram_size <= 16, f"{key}.ngram_size", f"must be in [2, 16], got {self.ngram_size}")

@@ -31,6 +31,9 @@ class PromptLookupConfig(DrafterConfig):
     max_ngram_size: int = 3
     min_ngram_size: int = 1
 
+    def set_draft_length(self, length: int) -> None:
+        self.num_speculative_tokens = length
+
     def validate(self, key: str = "drafter") -> None:
         check(self.num_speculative_tokens >= 1, f"{key}.num_speculative_tokens",
               f"must be >= 1, got {self.num_speculative_tokens}")

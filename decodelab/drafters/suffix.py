@@ -52,6 +52,9 @@ class SuffixConfig(DrafterConfig):
     # How many earlier outputs the global trie keeps (oldest removed first).
     max_cached_requests: int = 256
 
+    def set_draft_length(self, length: int) -> None:
+        self.max_spec_tokens = length
+
     def validate(self, key: str = "drafter") -> None:
         check(self.max_depth >= 2, f"{key}.max_depth", f"must be >= 2, got {self.max_depth}")
         check(self.max_spec_tokens >= 1, f"{key}.max_spec_tokens", f"must be >= 1, got {self.max_spec_tokens}")

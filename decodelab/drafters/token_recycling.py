@@ -49,6 +49,9 @@ class TokenRecyclingConfig(DrafterConfig):
     # Nodes in the static tree template (the most tokens drafted per step).
     tree_size: int = 30
 
+    def set_draft_length(self, length: int) -> None:
+        self.depth = length  # the draft tree's depth: the longest chain it can accept
+
     def validate(self, key: str = "drafter") -> None:
         check(1 <= self.topk <= 256, f"{key}.topk", f"must be in [1, 256], got {self.topk}")
         check(1 <= self.depth <= 64, f"{key}.depth", f"must be in [1, 64], got {self.depth}")

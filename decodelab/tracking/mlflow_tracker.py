@@ -103,6 +103,14 @@ class MlflowRemote:
     def describe(self) -> dict[str, Any]:
         return {"tracking_uri": self.cfg.tracking_uri, "experiment": self.cfg.experiment, "run_id": self.run_id}
 
+    def connect(self) -> str:
+        """Open the client; returns the experiment id (the experiment is created on first use)."""
+        from mlflow import MlflowClient
+
+        apply_http_defaults()
+        self.client = MlflowClient(tracking_uri=self.cfg.tracking_uri)
+        return self._experiment_id()
+
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
 
@@ -135,12 +143,9 @@ class MlflowRemote:
 
     def start(self, run_name: str, tags: dict[str, str], resolved_config: dict, fingerprint: dict,
               run_dir: Path) -> None:
-        from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        apply_http_defaults()
-        self.client = MlflowClient(tracking_uri=self.cfg.tracking_uri)
-        experiment_id = self._experiment_id()
+        experiment_id = self.connect()
         all_tags = {**tags, RUN_DIR_TAG: str(run_dir), **_fingerprint_tags(fingerprint)}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=self._run_tags(run_name, all_tags))
         self.run_id = run.info.run_id

@@ -15,6 +15,8 @@ from decodelab.tracking.local import plain
 
 TABLE_COLUMNS = ["id", "category", "prompt", "output", "new_tokens", "tok_s"]
 MAX_TAG_LENGTH = 64  # W&B rejects longer tags
+# The sweep's W&B group, set by the sweep callback (decodelab/sweep_callback.py) for every job.
+GROUP_ENV = "DECODELAB_WANDB_GROUP"
 
 
 def resolve_mode(mode: str) -> str:
@@ -67,7 +69,7 @@ class WandbRemote:
         base = Path(self.cfg.dir).expanduser() if self.cfg.dir else run_dir
         base.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group, name=run_name,
+            project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group or os.environ.get(GROUP_ENV), name=run_name,
             dir=str(base), config=plain(resolved_config), mode=resolve_mode(self.cfg.mode),
             tags=[f"{k}={v}"[:MAX_TAG_LENGTH] for k, v in tags.items()], notes=f"decodelab run_dir: {run_dir}",
             reinit="create_new",

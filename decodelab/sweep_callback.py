@@ -1,0 +1,180 @@
+"""Hydra callback for multiruns: one MLflow parent run and one W&B group per sweep, and a sweep summary.
+
+Known pains of Hydra sweeps that this avoids (../shared/DESIGN.md §6): MLflow parent runs do not cross
+processes (the parent is created here, when the multirun starts, and its id is written to
+``<sweep_dir>/sweep.json`` and the environment, so jobs in any launcher's processes log as children),
+and W&B runs merge (each job finishes its own run; the sweep only names their group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from decodelab.sweep_dir import REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
+from decodelab.tracking.local import SUMMARY_FILE, plain, read_json, write_json
+from decodelab.tracking.mlflow_tracker import PARENT_RUN_ENV
+from decodelab.tracking.wandb_tracker import GROUP_ENV as WANDB_GROUP_ENV
+
+SWEEP_NAME_ENV = "DECODELAB_SWEEP_NAME"
+# The sweep folder of the multirun that ran last in this process (the CLI reads its summary for the exit code).
+LAST_SWEEP: Dict[str, Optional[Path]] = {"dir": None}
+
+
+class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self.parent: Optional[Dict[str, str]] = None
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        LAST_SWEEP["dir"] = sweep_dir
+        self.started = time.time()
+        name = os.environ.get(SWEEP_NAME_ENV) or sweep_dir.name
+        group = f"{name}-{sweep_dir.name}" if name != sweep_dir.name else name
+        meta: Dict[str, Any] = {"name": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "overrides": list(config.hydra.overrides.task), "wandb_group": group,
+                                "sweeper": _target(config.hydra.sweeper), "launcher": _target(config.hydra.launcher)}
+        self.parent = _create_parent_run(config, name, sweep_dir)
+        if self.parent:
+            meta.update({f"mlflow_{k}": v for k, v in self.parent.items()})
+        write_json(sweep_dir / SWEEP_FILE, meta)
+        adopt_sweep(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        rows = summarize_sweep(sweep_dir)
+        counts: Dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        summary = {"sweep_dir": str(sweep_dir), "wall_s": time.time() - self.started, "counts": counts, "jobs": rows}
+        write_json(sweep_dir / SWEEP_SUMMARY_FILE, summary)
+        report = _write_report(sweep_dir)
+        self._finish_parent(sweep_dir, counts)
+        failed = [r for r in rows if r["status"] in ("FAILED", "UNFINISHED")]
+        line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        print(f"decodelab: sweep {sweep_dir}: {line or 'no jobs'}; summary: {sweep_dir / SWEEP_SUMMARY_FILE}"
+              + (f"; report: {report}" if report else ""), file=sys.stderr, flush=True)
+        for row in failed:
+            print(f"decodelab: job {row['job']} ({' '.join(row['overrides'])}) {row['status']}: {row['error']}",
+                  file=sys.stderr, flush=True)
+        leave_sweep()
+
+    def _finish_parent(self, sweep_dir: Path, counts: Dict[str, int]) -> None:
+        if not self.parent:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.parent["tracking_uri"])
+            run_id = self.parent["parent_run_id"]
+            for key, value in counts.items():
+                client.log_metric(run_id, f"jobs_{key.lower()}", value)
+            client.log_artifact(run_id, str(sweep_dir / SWEEP_SUMMARY_FILE))
+            client.set_terminated(run_id, "FINISHED")
+        except Exception as err:  # noqa: BLE001 - the local summary is the record; MLflow is best effort
+            print(f"decodelab: warning: could not finish the MLflow parent run: {err}", file=sys.stderr)
+
+
+def adopt_sweep(sweep_dir: Path) -> None:
+    """Hand the sweep's parent run and W&B group to this process (a job in any launcher's process; a
+    reused worker process must not keep those of an earlier sweep)."""
+    meta = read_sweep_meta(sweep_dir)
+    for env, key in ((PARENT_RUN_ENV, "mlflow_parent_run_id"), (WANDB_GROUP_ENV, "wandb_group")):
+        if meta.get(key):
+            os.environ[env] = meta[key]
+        else:
+            os.environ.pop(env, None)
+
+
+def leave_sweep() -> None:
+    for env in (PARENT_RUN_ENV, WANDB_GROUP_ENV, SWEEP_NAME_ENV):
+        os.environ.pop(env, None)
+
+
+def summarize_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """One row per job folder: status FINISHED | FAILED | UNFINISHED | REUSED, error, run folder, overrides."""
+    rows = []
+    for folder in job_dirs(sweep_dir):
+        overrides_file = folder / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        row: Dict[str, Any] = {"job": folder.name, "overrides": overrides or [], "run_dir": str(folder),
+                               "status": "UNFINISHED", "error": None}
+        if (folder / REUSED_FILE).is_file():
+            reused = read_json(folder / REUSED_FILE)
+            row.update(status="REUSED", run_dir=reused["run_dir"], config_hash=reused.get("config_hash"))
+        elif (folder / SUMMARY_FILE).is_file():
+            summary = read_json(folder / SUMMARY_FILE)
+            row.update(status=summary.get("status", "FINISHED"), error=summary.get("error"))
+            for key in ("speedup", "throughput_tok_s", "mean_accepted_length", "acceptance_rate", "lossless_rate"):
+                if key in summary:
+                    row[key] = summary[key]
+        else:
+            row["error"] = "no summary.json: the job was killed or is still running"
+        tracking = folder / "tracking.json"
+        if tracking.is_file():
+            row.setdefault("config_hash", read_json(tracking).get("tags", {}).get("config_hash"))
+        rows.append(row)
+    return rows
+
+
+def _target(node: Any) -> str:
+    return str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+
+
+def _create_parent_run(config: DictConfig, name: str, sweep_dir: Path) -> Optional[Dict[str, str]]:
+    """The MLflow parent run of the sweep, when the sweep logs to MLflow; None otherwise or when MLflow is down."""
+    mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
+    if mlflow_cfg is None:
+        return None
+    try:
+        from decodelab.config import MlflowConfig
+        from decodelab.tracking.mlflow_tracker import MlflowRemote
+
+        remote = MlflowRemote(MlflowConfig(**OmegaConf.to_container(mlflow_cfg, resolve=True)))
+        experiment_id = remote.connect()
+        run = remote.client.create_run(experiment_id, run_name=f"sweep:{name}",
+                                       tags={"decodelab.sweep_dir": str(sweep_dir), "decodelab.sweep": name,
+                                             "decodelab.overrides": " ".join(config.hydra.overrides.task)[:5000]})
+        uri, experiment = _absolute_sqlite(remote.cfg.tracking_uri), remote.cfg.experiment
+        return {"parent_run_id": run.info.run_id, "tracking_uri": uri, "experiment": experiment}
+    except Exception as err:  # noqa: BLE001 - jobs still log locally (and as top-level MLflow runs)
+        print(f"decodelab: warning: could not create the MLflow parent run ({type(err).__name__}: {err}); "
+              "jobs log without a parent", file=sys.stderr, flush=True)
+        return None
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """A relative sqlite URI made absolute, so sweep.json names the same store from any directory."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _write_report(sweep_dir: Path) -> Optional[Path]:
+    """Markdown/HTML report with plots (decodelab/sweep_report.py); a failing report never fails the sweep."""
+    try:
+        from decodelab.sweep_report import write_report
+
+        written = write_report(sweep_dir, None)
+        return Path(written.get("markdown", sweep_dir / "report")) if isinstance(written, dict) else None
+    except Exception as err:  # noqa: BLE001
+        print(f"decodelab: warning: sweep report failed ({type(err).__name__}: {err}); "
+              f"run: decodelab report {sweep_dir}", file=sys.stderr, flush=True)
+        return None
+
+
+def sweep_failures(sweep_dir: Path) -> List[Dict[str, Any]]:
+    path = sweep_dir / SWEEP_SUMMARY_FILE
+    rows = json.loads(path.read_text())["jobs"] if path.is_file() else []
+    return [plain(r) for r in rows if r["status"] in ("FAILED", "UNFINISHED")]
