@@ -16,6 +16,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from decodelab import tree
 from decodelab.adapter import LMAdapter, synchronize
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.sampling import LogitsPipeline
@@ -94,7 +95,7 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
     while ended is None:
         t0 = time.perf_counter()
         context = prompt + tokens
-        draft = drafter.propose(context)
+        draft = fit_draft(drafter.propose(context), stop.max_new_tokens - len(tokens) - 1)
         draft_forwards += draft.forwards
         t1 = time.perf_counter()
         verdict, logits = verify_step(target, draft, pipeline, generator, context)
@@ -114,6 +115,28 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
     wall = time.perf_counter() - start
     return Generation(tokens=tokens, stop_reason=reason, ttft_s=ttft, wall_s=wall, steps=steps,
                       target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards, lossy=lossy)
+
+
+def fit_draft(draft: Draft, depth: int) -> Draft:
+    """``draft`` cut to at most ``depth`` tokens deep: the step's bonus token takes the last place in the
+    token budget, so deeper tokens would be verified only to be thrown away and would inflate tau
+    (transformers caps its candidates the same way). A tree keeps the nodes of depth <= ``depth``."""
+    depth = max(depth, 0)
+    if draft.parents is None:
+        if len(draft) <= depth:
+            return draft
+        keep = list(range(depth))
+        parents = None
+    else:
+        levels = tree.depths(draft.parents)
+        keep = [node for node, level in enumerate(levels) if level <= depth]
+        if len(keep) == len(draft):
+            return draft
+        index = {node: i for i, node in enumerate(keep)}
+        parents = [index.get(draft.parents[node], tree.ROOT) for node in keep]
+    probs = None if draft.probs is None else draft.probs[keep]
+    return Draft(tokens=[draft.tokens[node] for node in keep], probs=probs, forwards=draft.forwards,
+                 parents=parents if keep else None)
 
 
 def verify_step(target: LMAdapter, draft: Draft, pipeline: LogitsPipeline, generator: torch.Generator,

@@ -94,8 +94,11 @@ def test_other_draft_model_is_lossless_and_keeps_its_cache(target, text):
     gen = _decode(target, ids, drafter)
     assert gen.tokens == _ar(target, ids)
     drafted = sum(s.drafted for s in gen.steps)
-    # One forward per drafted token: the catch-up forward yields the first, each later one the next.
-    assert gen.draft_forwards == drafted == len(lengths) and all(0 < s.drafted <= 3 for s in gen.steps)
+    # One forward per drafted token: the catch-up forward yields the first, each later one the next. The
+    # last step's draft is cut to the token budget (engine.fit_draft): its extra forwards count, unverified.
+    cut = [s for s in gen.steps if s.drafted < 3]
+    assert gen.draft_forwards == len(lengths) and drafted <= gen.draft_forwards <= drafted + 3 * len(cut)
+    assert all(0 < s.drafted <= 3 for s in gen.steps[:-2]) and 0 <= gen.steps[-1].drafted <= 3
     # The prompt is prefilled once; afterwards only the delta (bonus, or last draft + bonus) and drafts.
     assert lengths[0] == len(ids) + 1 and max(lengths[1:]) <= 2
     assert drafter.tokens_fed <= len(ids) + len(gen.tokens) + drafted
@@ -108,8 +111,8 @@ def test_length_policies_stay_lossless(target, policy):
     drafter = _drafter(target, _draft_model({"num_layers": 1, "init_seed": 2}, length={"policy": policy}))
     gen = _decode(target, ids, drafter)
     assert gen.tokens == _ar(target, ids)
-    if policy == "confidence":  # a random model is never confident: one token per step
-        assert all(s.drafted == 1 for s in gen.steps)
+    if policy == "confidence":  # a random model is never confident: one token per step (the last may be cut)
+        assert all(s.drafted == 1 for s in gen.steps[:-1]) and gen.steps[-1].drafted <= 1
 
 
 def test_heuristic_grows_when_everything_is_accepted(target):
@@ -300,8 +303,10 @@ def test_layer_skip_is_lossless(target, node):
         drafter = _drafter(target, {"name": "layer_skip", **node})
         gen = _decode(target, ids, drafter)
         assert gen.tokens == _ar(target, ids)
-        assert gen.draft_forwards == sum(s.drafted for s in gen.steps)
-
+        # Every drafted token costs one draft forward; the last step's draft may be cut to the token budget.
+        drafted = sum(s.drafted for s in gen.steps)
+        assert drafted <= gen.draft_forwards <= drafted + 16
+        assert gen.draft_forwards == drafted or gen.steps[-1].drafted < 4
 
 @pytest.mark.parametrize("node", [{"exit_layer": 2}, {"skip_layers": [0, 2]}])
 def test_layer_skip_logits_are_the_early_exit(target, node):
