@@ -89,9 +89,13 @@ def validate_overrides(overrides: Sequence[str], multirun: bool) -> None:
 
 def sweeper_params(overrides: Sequence[str]) -> List[str]:
     """``hydra.sweeper.params`` of the composed config as overrides, minus keys the command line sets."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        params = OmegaConf.select(compose(overrides, return_hydra_config=True), "hydra.sweeper.params")
-    except UserError:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        plain = [o.input_line for o in parsed if not o.is_sweep_override()]  # a single composition
+        params = OmegaConf.select(compose(plain, return_hydra_config=True), "hydra.sweeper.params")
+    except Exception:  # noqa: BLE001 - the jobs' own composition reports what is wrong, in one line
         return []
     if not params:
         return []
@@ -114,8 +118,8 @@ def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:
             except Exception:  # interval()/search spaces belong to a sweeper; it checks them itself
                 continue
             choices.append([f"{override.get_key_element()}={value}" for value in values])
-        elif not override.is_hydra_override():
-            choices.append([override.input_line])
+        elif not override.is_hydra_override() or override.get_key_element().startswith("hydra.searchpath"):
+            choices.append([override.input_line])  # the search path decides which configs exist
     jobs = [list(job) for job in itertools.islice(itertools.product(*choices), MAX_PREFLIGHT_JOBS)]
     return jobs or [[]]
 

@@ -26,9 +26,17 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
     _pyplot().close(fig)
     return path
+
+
+def _legend(ax, count: int) -> None:
+    """Inside the axes for a few series; beside them for many, where it cannot cover the data."""
+    if count > 5:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize="small")
 
 
 def acceptance_plots(histogram: Sequence[int], per_position: Sequence[float], out_dir: Path, title: str) -> List[Path]:
@@ -41,20 +49,30 @@ def acceptance_plots(histogram: Sequence[int], per_position: Sequence[float], ou
                               f"Per-position acceptance: {title}")]
 
 
+def _colors(plt, count: int) -> list:
+    """Distinct colours for up to 20 series (matplotlib's default cycle repeats after 10)."""
+    cmap = plt.get_cmap("tab10" if count <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
 def histogram_plot(series: Mapping[str, Sequence[int]], path: Path, title: str, normalize: bool = True) -> Path:
     """Accepted draft tokens per step, grouped bars per series; ``normalize`` compares runs of different length."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / max(len(series), 1)
+    colors = _colors(plt, len(series))
+    # Trailing bins no series reached (e.g. up to a tree's node count) only squeeze the bars.
+    shown = 1 + max((i for counts in series.values() for i, c in enumerate(counts) if c), default=0)
+    series = {label: list(counts)[:shown] for label, counts in series.items()}
     for index, (label, counts) in enumerate(series.items()):
         total = sum(counts) or 1
         heights = [c / total for c in counts] if normalize else list(counts)
         offset = (index - (len(series) - 1) / 2) * width
-        ax.bar([i + offset for i in range(len(heights))], heights, width=width, label=label)
+        ax.bar([i + offset for i in range(len(heights))], heights, width=width, label=label, color=colors[index])
     ax.set(xlabel="accepted draft tokens per step", ylabel="share of steps" if normalize else "steps", title=title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if len(series) > 1:
-        ax.legend(fontsize="small")
+        _legend(ax, len(series))
     return _save(fig, path)
 
 
@@ -63,12 +81,13 @@ def per_position_plot(series: Mapping[str, Sequence[float]], path: Path, title: 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     single = len(series) == 1
-    for label, rates in series.items():
-        ax.plot(range(1, len(rates) + 1), rates, marker="o", label=label, color="tab:green" if single else None)
+    colors = ["tab:green"] if single else _colors(plt, len(series))
+    for (label, rates), color in zip(series.items(), colors):
+        ax.plot(range(1, len(rates) + 1), rates, marker="o", markersize=4, label=label, color=color)
     ax.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1.05), title=title)
     ax.grid(alpha=0.3)
     if not single:
-        ax.legend(fontsize="small")
+        _legend(ax, len(series))
     return _save(fig, path)
 
 
@@ -86,7 +105,7 @@ def speedup_plot(lines: Mapping[str, Sequence[ErrorPoint]], path: Path, xlabel: 
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="AR baseline")
     ax.set(xlabel=xlabel, ylabel="speedup (x, bootstrap 95% CI)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax, len(lines) + 1)
     return _save(fig, path)
 
 

@@ -51,14 +51,23 @@ class PromptRunner:
         self.reference = self._reference() if run.drafter.name != "none" and run.baseline != "none" else None
 
     def _reference(self) -> ARReference:
-        """The AR baseline of this exact config, cached per everything that changes its tokens or timings."""
+        """The AR baseline of this exact config, cached per everything that changes its tokens or timings.
+
+        Inside a sweep the cache lives in the sweep folder: the baseline is decoded once, by the first job
+        that needs it, and every other job of the sweep reuses it, so all speedups of a sweep share one
+        baseline measured under the same conditions (not one on record from another day's machine load).
+        """
+        import os
         from dataclasses import asdict
+
+        from decodelab.sweep_callback import SWEEP_DIR_ENV
 
         run = self.run
         key = {"model": self.loaded.fingerprint, "backend": asdict(run.backend), "strategy": asdict(run.strategy),
                "max_new_tokens": run.task.max_new_tokens, "stop": list(run.task.stop_strings),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
-        return ARReference(self.target, self.pipeline, self.stop, run.model.cache_dir, key,
+        cache_dir = os.environ.get(SWEEP_DIR_ENV) or run.model.cache_dir
+        return ARReference(self.target, self.pipeline, self.stop, cache_dir, key,
                            use_cache=run.baseline == "cached")
 
     def encode(self, messages: List[dict]) -> List[int]:

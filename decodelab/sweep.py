@@ -57,4 +57,7 @@ def cli(args: List[str]) -> None:
     if "-m" in overrides or "--multirun" in overrides:
         overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     os.environ[SWEEP_NAME_ENV] = name
-    _run(hydra_args(name, overrides))
+    try:
+        _run(hydra_args(name, overrides))
+    finally:
+        os.environ.pop(SWEEP_NAME_ENV, None)

@@ -25,6 +25,8 @@ from decodelab.tracking.mlflow_tracker import PARENT_RUN_ENV
 from decodelab.tracking.wandb_tracker import GROUP_ENV as WANDB_GROUP_ENV
 
 SWEEP_NAME_ENV = "DECODELAB_SWEEP_NAME"
+# The sweep folder a job belongs to: scopes the AR baseline's timings to the sweep (decodelab/runner.py).
+SWEEP_DIR_ENV = "DECODELAB_SWEEP_DIR"
 # The sweep folder of the multirun that ran last in this process (the CLI reads its summary for the exit code).
 LAST_SWEEP: Dict[str, Optional[Path]] = {"dir": None}
 
@@ -89,6 +91,7 @@ def adopt_sweep(sweep_dir: Path) -> None:
     """Hand the sweep's parent run and W&B group to this process (a job in any launcher's process; a
     reused worker process must not keep those of an earlier sweep)."""
     meta = read_sweep_meta(sweep_dir)
+    os.environ[SWEEP_DIR_ENV] = str(sweep_dir)
     for env, key in ((PARENT_RUN_ENV, "mlflow_parent_run_id"), (WANDB_GROUP_ENV, "wandb_group")):
         if meta.get(key):
             os.environ[env] = meta[key]
@@ -97,7 +100,7 @@ def adopt_sweep(sweep_dir: Path) -> None:
 
 
 def leave_sweep() -> None:
-    for env in (PARENT_RUN_ENV, WANDB_GROUP_ENV, SWEEP_NAME_ENV):
+    for env in (PARENT_RUN_ENV, WANDB_GROUP_ENV, SWEEP_NAME_ENV, SWEEP_DIR_ENV):
         os.environ.pop(env, None)
 
 

@@ -39,7 +39,9 @@ FINISHED = "FINISHED"
 UNFINISHED = "UNFINISHED"
 QUALITY_KEYS = ("rouge_l", "exact_match", "pass@1")
 # Where each drafter keeps its configured draft length (conf/drafter/*.yaml).
-DRAFT_LENGTH_KEYS = ("drafter.num_speculative_tokens", "drafter.max_spec_tokens", "drafter.length.k")
+# The run-level draft_length first: when set it overrides the drafter's own field (config.DrafterConfig).
+DRAFT_LENGTH_KEYS = ("draft_length", "drafter.num_speculative_tokens", "drafter.max_spec_tokens", "drafter.depth",
+                     "drafter.length.k")
 # Always different (output_dir) or shown in a column of its own (drafter.name).
 IGNORED_CONFIG_KEYS = ("output_dir", "drafter.name")
 # Shown once above the tables when every job shares them: what the numbers were measured on.

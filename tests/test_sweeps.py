@@ -33,6 +33,19 @@ def _cli(args, cwd, timeout=600, env=None):
                           env={**os.environ, **(env or {})})
 
 
+def _main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """The CLI in this process (no interpreter start-up; the tiny model stays loaded): (exit code, stderr)."""
+    from decodelab.cli import main
+
+    monkeypatch.chdir(cwd)
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    return code, capsys.readouterr().err
+
+
 def _summary(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / SWEEP_SUMMARY_FILE).read_text())
 
@@ -44,12 +57,12 @@ def _only_sweep(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_every_named_sweep_runs_on_a_tiny_model(tmp_path, name):
+def test_every_named_sweep_runs_on_a_tiny_model(tmp_path, name, monkeypatch, capsys):
     extra = SMOKE_OVERRIDES.get(name, [])
     if name == "search_speedup":
         extra = extra + [f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db"]
-    out = _cli(["sweep", name, *TINY, "logger=none", *extra], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    code, err = _main(["sweep", name, *TINY, "logger=none", *extra], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     sweep_dir = _only_sweep(tmp_path / "multirun" / name)
     rows = _summary(sweep_dir)["jobs"]
     assert rows and all(r["status"] == "FINISHED" for r in rows), rows
@@ -63,20 +76,21 @@ def test_every_named_sweep_runs_on_a_tiny_model(tmp_path, name):
             assert "speedup" in summary, run_dir  # against the AR baseline of the same config
 
 
-def test_unknown_sweep_name_is_one_line(tmp_path):
-    out = _cli(["sweep", "nope"], cwd=tmp_path)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
+def test_unknown_sweep_name_is_one_line(tmp_path, monkeypatch, capsys):
+    code, err = _main(["sweep", "nope"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
         f"decodelab: error: sweep 'nope': no sweeps/nope.yaml; available: {', '.join(SWEEPS)}"]
 
 
-def test_failed_job_is_recorded_and_the_others_finish(tmp_path):
+def test_failed_job_is_recorded_and_the_others_finish(tmp_path, monkeypatch, capsys):
     """drafter=none has no draft length: an impossible combination inside an otherwise good grid."""
     db = tmp_path / "mlruns.db"
-    out = _cli(["run", "-m", "drafter=none,prompt_lookup,suffix", "draft_length=3", *TINY, "logger=mlflow",
-                f"logger.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"], cwd=tmp_path)
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "will fail: draft_length: drafter=none has no draft length" in out.stderr
+    code, err = _main(["run", "-m", "drafter=none,prompt_lookup,suffix", "draft_length=3", *TINY, "logger=mlflow",
+                       f"logger.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
+                      tmp_path, monkeypatch, capsys)
+    assert code == 1, err[-3000:]
+    assert "will fail: draft_length: drafter=none has no draft length" in err
     rows = {r["overrides"][0]: r for r in _summary(tmp_path / "sw")["jobs"]}
     assert rows["drafter=none"]["status"] == "FAILED"
     assert "drafter=none has no draft length" in rows["drafter=none"]["error"]
@@ -188,3 +202,22 @@ def test_jobs_in_one_process_load_the_model_once(tmp_path, monkeypatch):
     main(["run", "-m", "drafter=none,prompt_lookup,suffix", *TINY, "logger=none", f"hydra.sweep.dir={tmp_path}/sw"])
     assert calls == ["tiny-random"]
     assert len(run_dirs(tmp_path / "sw")) == 3
+
+
+def test_wandb_group_per_sweep_each_job_its_own_finished_run(tmp_path):
+    from test_tracking import wandb_records
+
+    out = _cli(["run", "-m", "drafter=none,prompt_lookup", *TINY, "logger=wandb", "logger.wandb.mode=offline",
+                f"hydra.sweep.dir={tmp_path}/sw"], cwd=tmp_path, env={"WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    group = read_sweep_meta(tmp_path / "sw")["wandb_group"]
+    runs = {}
+    for job in job_dirs(tmp_path / "sw"):
+        files = list(job.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1, job  # one W&B run per job, in its own run folder
+        records = wandb_records(files[0])
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == group
+        assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
+        runs[run.run_id] = job
+    assert len(runs) == 2
