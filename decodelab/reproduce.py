@@ -107,15 +107,12 @@ def folder_source(run_dir: Path) -> Source:
 
 def mlflow_source(run_id: str, tracking_uri: str, download_dir: Path) -> Source:
     """Find ``run_id`` in the tracking store and download its run files into ``download_dir``."""
-    _check_store_exists(tracking_uri)
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from decodelab.tracking.mlflow_tracker import RUN_DIR_TAG, apply_http_defaults
+    from decodelab.tracking.mlflow_tracker import RUN_DIR_TAG, existing_store_client
 
-    apply_http_defaults()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # four small files
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = existing_store_client(tracking_uri, "--tracking-uri")
     try:
         run = client.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - not found, or a store that cannot be read: the user's to fix
@@ -136,26 +133,6 @@ def mlflow_source(run_id: str, tracking_uri: str, download_dir: Path) -> Source:
     return Source(label=f"MLflow run {run_id} ({tracking_uri})", files_dir=download_dir, run_dir=local_dir,
                   mlflow_run_id=run_id, name_hint=Path(recorded_dir).name if recorded_dir else run_id[:12],
                   config=_read_config(download_dir, f"MLflow run {run_id}"))
-
-
-def _check_store_exists(tracking_uri: str) -> None:
-    """A sqlite store that does not exist would be created empty by MLflow; say so instead."""
-    db = sqlite_path(tracking_uri)
-    if db is not None and not db.is_file():
-        raise UserError(f"--tracking-uri: {tracking_uri} does not exist (no file {db}); "
-                        "pass the store that logged the run")
-
-
-def sqlite_path(tracking_uri: str) -> Optional[Path]:
-    """The database file of a ``sqlite:///rel.db`` or ``sqlite:////abs.db`` URI; None for other stores."""
-    from urllib.parse import unquote, urlparse
-
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    path = unquote(urlparse(tracking_uri).path).lstrip("/")
-    if tracking_uri.startswith("sqlite:////"):
-        path = "/" + path  # sqlite:///rel.db is relative to the working directory
-    return Path(path).expanduser() if path and path != ":memory:" else None
 
 
 def _first_line(err: BaseException) -> str:

@@ -158,10 +158,10 @@ def _create_parent_run(config: DictConfig, name: str, sweep_dir: Path) -> Option
 
 def _absolute_sqlite(uri: str) -> str:
     """A relative sqlite URI made absolute, so sweep.json names the same store from any directory."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
+    from decodelab.tracking.mlflow_tracker import sqlite_file
+
+    db = sqlite_file(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
 def _write_report(sweep_dir: Path) -> Optional[Path]:

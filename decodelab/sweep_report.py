@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -379,27 +378,10 @@ def build_report(jobs: List[Job], title: str, source: str, out_dir: Path) -> Rep
 
 # ---------------------------------------------------------------------------------------------- sources
 
-def _sqlite_file(tracking_uri: str) -> Optional[Path]:
-    """The database file of a sqlite tracking URI (None for other stores)."""
-    if not tracking_uri.startswith("sqlite:"):
-        return None
-    path = unquote(urlparse(tracking_uri).path)
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        path = path.lstrip("/")  # sqlite:///rel.db is relative to the working directory
-    return Path(path).expanduser() if path and path != ":memory:" else None
-
-
 def _mlflow_client(tracking_uri: str):
-    """A client for an existing store: opening a missing sqlite file would silently create an empty one."""
-    from mlflow import MlflowClient
+    from decodelab.tracking.mlflow_tracker import existing_store_client
 
-    from decodelab.tracking.mlflow_tracker import apply_http_defaults
-
-    db = _sqlite_file(tracking_uri)
-    if db is not None and not db.is_file():
-        raise UserError(f"tracking URI {tracking_uri}: no MLflow database at {db}")
-    apply_http_defaults()
-    return MlflowClient(tracking_uri=tracking_uri)
+    return existing_store_client(tracking_uri)
 
 
 def _child_runs(client, parent_id: str) -> list:

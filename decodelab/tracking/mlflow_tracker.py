@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 from urllib.parse import unquote, urlparse
 
 from decodelab.config import MlflowConfig
+from decodelab.errors import UserError
 
 PARENT_RUN_ENV = "DECODELAB_MLFLOW_PARENT_RUN_ID"
 RUN_DIR_TAG = "decodelab.run_dir"
@@ -78,16 +79,32 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start:start + size]
 
 
-def _sqlite_artifact_root(tracking_uri: str) -> Optional[str]:
-    """Artifacts beside the sqlite file (``<dir>/mlartifacts``) rather than mlflow's cwd-relative default."""
+def sqlite_file(tracking_uri: str) -> Optional[Path]:
+    """The database file of a sqlite tracking URI (None for other stores); ``sqlite:///rel.db`` is relative
+    to the working directory, ``sqlite:////abs.db`` absolute."""
     if not tracking_uri.startswith("sqlite:"):
         return None
     path = unquote(urlparse(tracking_uri).path)
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        path = path.lstrip("/")  # sqlite:///rel.db is relative to the working directory
-    if not path or path == ":memory:":
-        return None
-    return (Path(path).expanduser().resolve().parent / "mlartifacts").as_uri()
+        path = path.lstrip("/")
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def existing_store_client(tracking_uri: str, what: str = "tracking URI"):
+    """A client for a store that exists: MLflow would silently create a missing sqlite file, empty."""
+    from mlflow import MlflowClient
+
+    db = sqlite_file(tracking_uri)
+    if db is not None and not db.is_file():
+        raise UserError(f"{what} {tracking_uri}: no MLflow database at {db}; pass the store that logged the run")
+    apply_http_defaults()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _sqlite_artifact_root(tracking_uri: str) -> Optional[str]:
+    """Artifacts beside the sqlite file (``<dir>/mlartifacts``) rather than mlflow's cwd-relative default."""
+    db = sqlite_file(tracking_uri)
+    return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
 
 
 class MlflowRemote:
