@@ -43,7 +43,21 @@ def _main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
         code = 0
     except SystemExit as exit_info:
         code = int(exit_info.code or 0)
+    finally:
+        _drop_hydra_log_handlers()
     return code, capsys.readouterr().err
+
+
+def _drop_hydra_log_handlers() -> None:
+    """Hydra's job logging attaches handlers to the captured stderr of this test; later tests would write to
+    it after pytest closed it."""
+    import logging
+
+    for name in (None, "hydra"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Hydra's console handler; not pytest's own
+                logger.removeHandler(handler)
 
 
 def _summary(sweep_dir: Path) -> dict:
@@ -221,3 +235,35 @@ def test_wandb_group_per_sweep_each_job_its_own_finished_run(tmp_path):
         assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
         runs[run.run_id] = job
     assert len(runs) == 2
+
+
+def test_job_raising_at_run_time_is_recorded_failed(tmp_path, monkeypatch, capsys):
+    """Not a config error: a job runs out of memory on its second prompt. It is recorded FAILED with the
+    sample it finished, the sweep goes on, and MLflow shows the failed child with its error."""
+    from decodelab.runner import PromptRunner
+
+    real_run_prompt = PromptRunner.run_prompt
+
+    def run_prompt(self, index, prompt):
+        if self.run.drafter.name == "suffix" and index == 1:
+            raise MemoryError("simulated: the allocator could not find 2 GiB")
+        return real_run_prompt(self, index, prompt)
+
+    monkeypatch.setattr(PromptRunner, "run_prompt", run_prompt)
+    db = tmp_path / "mlruns.db"
+    code, err = _main(["run", "-m", "drafter=prompt_lookup,suffix,none", "task.limit=2", *TINY[2:], "model=tiny-random",
+                       "logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
+                      tmp_path, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    rows = _summary(tmp_path / "sw")["jobs"]
+    assert [r["status"] for r in rows] == ["FINISHED", "FAILED", "FINISHED"]
+    assert rows[1]["error"] == "MemoryError: simulated: the allocator could not find 2 GiB"
+    assert _lines(tmp_path / "sw" / "1" / "samples.jsonl") == 1  # the finished sample is kept
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    parent = read_sweep_meta(tmp_path / "sw")["mlflow_parent_run_id"]
+    children = client.search_runs([client.get_experiment_by_name("decodelab").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(children) == 3 and len(failed) == 1 and failed[0].data.tags["decodelab.error"] == rows[1]["error"]
