@@ -40,6 +40,20 @@ def smollm2_loaded():
     return load_model(run.model, run.backend)
 
 
+@pytest.fixture(autouse=True)
+def drop_hydra_console_handlers():
+    """A Hydra app run in this process (decodelab.cli.main in a test) attaches console log handlers to the
+    test's captured stderr; a later test logging through them would write to a closed file."""
+    import logging
+
+    yield
+    for name in (None, "hydra"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Hydra's console handler; pytest's are subclasses
+                logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models are latency-bound: a second intra-op thread only contends (many times slower on a loaded

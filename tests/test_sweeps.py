@@ -43,21 +43,7 @@ def _main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
         code = 0
     except SystemExit as exit_info:
         code = int(exit_info.code or 0)
-    finally:
-        _drop_hydra_log_handlers()
     return code, capsys.readouterr().err
-
-
-def _drop_hydra_log_handlers() -> None:
-    """Hydra's job logging attaches handlers to the captured stderr of this test; later tests would write to
-    it after pytest closed it."""
-    import logging
-
-    for name in (None, "hydra"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if type(handler) is logging.StreamHandler:  # Hydra's console handler; not pytest's own
-                logger.removeHandler(handler)
 
 
 def _summary(sweep_dir: Path) -> dict:
