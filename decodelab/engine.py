@@ -25,11 +25,12 @@ from decodelab.verify import Verdict, verify
 
 @dataclass
 class StepRecord:
-    drafted: int
+    drafted: int  # draft tokens verified (a tree's node count)
     accepted: int
     bonus: int
     draft_s: float
     verify_s: float
+    depth: int  # the draft's longest path: its length for a chain, the deepest node's depth for a tree
 
 
 @dataclass
@@ -107,7 +108,8 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
         drafter.observe([context[-1]] + draft.tokens, logits)
         drafter.update(len(draft), len(verdict.accepted))
         t3 = time.perf_counter()
-        steps.append(StepRecord(len(draft), len(verdict.accepted), 1, (t1 - t0) + (t3 - t2), t2 - t1))
+        steps.append(StepRecord(len(draft), len(verdict.accepted), 1, (t1 - t0) + (t3 - t2), t2 - t1,
+                                draft_depth(draft)))
         lossy = lossy or verdict.lossy
         ended = stop.check(tokens, len(new))
     keep, reason = ended
@@ -115,6 +117,13 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
     wall = time.perf_counter() - start
     return Generation(tokens=tokens, stop_reason=reason, ttft_s=ttft, wall_s=wall, steps=steps,
                       target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards, lossy=lossy)
+
+
+def draft_depth(draft: Draft) -> int:
+    """The most tokens one step can accept from ``draft``: its length, or a tree's deepest level."""
+    if draft.parents is None:
+        return len(draft)
+    return max(tree.depths(draft.parents), default=0)
 
 
 def fit_draft(draft: Draft, depth: int) -> Draft:

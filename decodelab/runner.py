@@ -123,7 +123,7 @@ class PromptRunner:
             **sample_timing(turns),
             "peak_mem_mb": _peak_memory_mb(self.target.device),
             "quality": score(prompt, "\n".join(outputs)),
-            "steps": [[s.drafted, s.accepted, s.bonus, round(s.draft_s, 6), round(s.verify_s, 6)]
+            "steps": [[s.drafted, s.accepted, s.bonus, round(s.draft_s, 6), round(s.verify_s, 6), s.depth]
                       for g in turns for s in g.steps],
             "lossy": any(getattr(g, "lossy", False) for g in turns),
         }

@@ -207,7 +207,7 @@ def simulate(records: Sequence[dict], drafter_cfg: Any, max_new_tokens: Optional
     ``max_new_tokens``: the run's token budget (default: the longest recorded output). Returns the
     telemetry of :func:`decodelab.telemetry.acceptance_stats` over all steps, plus ``drafter``,
     ``config``, ``unresolved_steps``, ``exact``, per-category alpha/tau (``by_category``) and each
-    sample's steps ``[drafted, accepted, bonus, draft_s, 0.0]`` (``samples``).
+    sample's steps ``[drafted, accepted, bonus, draft_s, 0.0, depth]`` (``samples``).
     """
     cfg = typed_drafter(drafter_cfg)
     ids = DenseIds(records)
@@ -227,7 +227,7 @@ def simulate(records: Sequence[dict], drafter_cfg: Any, max_new_tokens: Optional
             generation = decode(target, prompt, pipeline=pipeline, drafter=drafter, stop=stop, generator=generator)
             if generation.tokens != output:
                 raise RuntimeError(f"replay of sample {record.get('id')!r} left its recorded output; a bug")
-            steps += [[s.drafted, s.accepted, s.bonus, s.draft_s, 0.0] for s in generation.steps]
+            steps += [[s.drafted, s.accepted, s.bonus, s.draft_s, 0.0, s.depth] for s in generation.steps]
         samples.append({"id": record.get("id"), "category": record.get("category"), "steps": steps})
     stats = acceptance_stats(step for sample in samples for step in sample["steps"])
     by_category: Dict[str, Dict[str, float]] = {}

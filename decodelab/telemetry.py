@@ -1,7 +1,12 @@
 """Acceptance telemetry from per-step records (DESIGN.md section 3).
 
-A step record is ``[drafted, accepted, bonus, draft_s, verify_s]``. alpha = accepted / drafted;
-tau = (accepted + bonus) / verification steps (bonus included, as vLLM reports it).
+A step record is ``[drafted, accepted, bonus, draft_s, verify_s, depth]``: ``drafted`` counts the draft
+tokens verified (a tree's nodes), ``depth`` is the most the step could accept (a chain's length, a
+tree's deepest level); records written before depth existed have five elements and are chains, so
+their depth is ``drafted``. alpha = accepted / drafted tokens; tau = (accepted + bonus) / verification
+steps (bonus included, as vLLM reports it). Per-position acceptance is by depth: position i (the i-th
+token after the root on the accepted path) was tried by every step whose draft reached depth i + 1 and
+kept by those that accepted more than i tokens; for a tree, a node index would mean nothing.
 """
 
 from __future__ import annotations
@@ -11,18 +16,28 @@ from typing import Dict, Iterable, List, Optional, Sequence
 Step = Sequence[float]
 
 
+def step_depth(step: Step) -> int:
+    """The draft's depth (the most tokens the step could accept); a five-element record is a chain."""
+    return int(step[5]) if len(step) > 5 else int(step[0])
+
+
 def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
-    """alpha, tau, per-position acceptance and the accepted-per-step histogram over ``steps``."""
+    """alpha, tau, per-position (per-depth) acceptance and the accepted-per-step histogram over ``steps``.
+
+    ``mean_draft_length`` is drafted tokens per step (a tree's nodes: what verification pays for);
+    ``mean_draft_depth`` is the longest acceptable run per step (equal for chains).
+    """
     steps = list(steps)
     drafted = sum(int(s[0]) for s in steps)
     accepted = sum(int(s[1]) for s in steps)
     bonus = sum(int(s[2]) for s in steps)
-    longest = max((int(s[0]) for s in steps), default=0)
+    depths = [step_depth(s) for s in steps]
+    longest = max(depths, default=0)
     tried = [0] * longest
     kept = [0] * longest
     histogram = [0] * (longest + 1)
-    for step in steps:
-        for position in range(int(step[0])):
+    for step, depth in zip(steps, depths):
+        for position in range(depth):
             tried[position] += 1
             kept[position] += position < int(step[1])
         histogram[int(step[1])] += 1
@@ -32,6 +47,7 @@ def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
         "accepted_tokens": accepted,
         "mean_accepted_length": (accepted + bonus) / len(steps) if steps else 0.0,
         "mean_draft_length": drafted / len(steps) if steps else 0.0,
+        "mean_draft_depth": sum(depths) / len(steps) if steps else 0.0,
         "draft_s": sum(float(s[3]) for s in steps),
         "verify_s": sum(float(s[4]) for s in steps),
         "accepted_histogram": histogram,
@@ -64,7 +80,8 @@ def cost_model(stats: Dict[str, object], draft_forwards: int, ar_step_s: Optiona
     if not steps or not ar_step_s or "acceptance_rate" not in stats:
         return {}
     alpha = float(stats["acceptance_rate"])  # type: ignore[arg-type]
-    k = float(stats["mean_draft_length"])  # type: ignore[arg-type]
+    # The formula's k caps the tokens a step can accept: a tree's depth, not its node count (same for chains).
+    k = float(stats.get("mean_draft_depth", stats["mean_draft_length"]))  # type: ignore[arg-type]
     draft_cost = float(stats["draft_s"]) / steps / ar_step_s  # type: ignore[arg-type]
     verify_cost = float(stats["verify_s"]) / steps / ar_step_s  # type: ignore[arg-type]
     out = {

@@ -15,7 +15,7 @@ from decodelab.config import DrafterConfig
 from decodelab.drafters import REGISTRY
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.runner import run
-from decodelab.telemetry import acceptance_stats, expected_tokens_per_step, predicted_speedup
+from decodelab.telemetry import acceptance_stats, cost_model, expected_tokens_per_step, predicted_speedup
 
 
 def test_acceptance_stats_by_hand():
@@ -26,6 +26,28 @@ def test_acceptance_stats_by_hand():
     assert stats["accepted_histogram"] == [2, 1, 0, 0, 1]
     # position 0 tried 3 times, accepted twice; position 2 tried twice (4, 4), accepted once.
     assert stats["per_position_acceptance"] == pytest.approx([2 / 3, 1 / 3, 1 / 2, 1 / 2])
+
+
+def test_per_position_acceptance_of_trees_is_by_depth():
+    """Tree steps ``[nodes, accepted, bonus, draft_s, verify_s, depth]``: position i is the i-th token of the
+    accepted path, tried by steps whose tree is deeper than i (a node index would give 12 positions)."""
+    steps = [[12, 3, 1, 0.1, 0.2, 4], [12, 0, 1, 0.1, 0.2, 4], [6, 2, 1, 0.1, 0.2, 2], [4, 1, 1, 0.1, 0.2, 1]]
+    stats = acceptance_stats(steps)
+    assert stats["per_position_acceptance"] == pytest.approx([3 / 4, 2 / 3, 1 / 2, 0.0])
+    assert stats["accepted_histogram"] == [1, 1, 1, 1, 0]
+    assert stats["acceptance_rate"] == pytest.approx(6 / 34)  # alpha: accepted / drafted tokens
+    assert stats["mean_draft_length"] == pytest.approx(34 / 4) and stats["mean_draft_depth"] == pytest.approx(11 / 4)
+    assert stats["mean_accepted_length"] == pytest.approx((6 + 4) / 4)
+    # Leviathan's k is the depth (the most a step can accept), not the node count.
+    costs = cost_model(stats, draft_forwards=11, ar_step_s=0.1)
+    assert costs["predicted_speedup"] == pytest.approx(predicted_speedup(6 / 34, 11 / 4, 0.4 / 4 / 0.1, 0.8 / 4 / 0.1))
+
+
+def test_five_element_records_are_chains():
+    old = [[4, 4, 1, 0.1, 0.2], [4, 1, 1, 0.1, 0.2], [2, 0, 1, 0.1, 0.2]]
+    new = [step + [step[0]] for step in old]
+    assert acceptance_stats(old) == acceptance_stats(new) == acceptance_stats(old[:2] + new[2:])
+    assert acceptance_stats(old)["per_position_acceptance"] == pytest.approx([2 / 3, 1 / 3, 1 / 2, 1 / 2])
 
 
 def test_predicted_speedup_formula():
@@ -93,6 +115,8 @@ def test_run_with_drafter_reports_acceptance_lossless_and_speedup(echo_registere
     assert (tmp_path / "a" / "acceptance_histogram.png").exists()
     samples = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
     assert all(s["lossless"] and not s["baseline"]["cached"] for s in samples)
+    # [drafted, accepted, bonus, draft_s, verify_s, depth]: a chain's depth is its length.
+    assert all(len(step) == 6 and step[5] == step[0] for s in samples for step in s["steps"])
     # Second run of the same config: the AR reference comes from the cache.
     run(compose(overrides), output_dir=str(tmp_path / "b"))
     samples = [json.loads(l) for l in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]

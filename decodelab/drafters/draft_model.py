@@ -17,16 +17,38 @@ drafts greedily, its continuation is decoded to text and encoded with the target
 with a window of the last target tokens so that tokens merged across the join line up. The last
 re-encoded token is dropped (it may be the head of a longer token) unless the draft ended with EOS.
 The result is a deterministic chain (probs=None), lossless for greedy decoding only.
+
+Top-k branching (``branching: k > 1``, same tokenizer only): a static token tree of the SpecInfer /
+EAGLE / Sequoia family, in its simplest shape: k candidates at the first draft position, each grown
+into a branch by the draft model for the rest of the draft length (k x length nodes at most). The
+candidates are the token the chain would draft (argmax, or drawn from the draft distribution when
+sampling) followed by the k - 1 most likely other draft tokens; every deeper token is chosen as the
+chain chooses it. So branch 0 is exactly the chain, and the other branches cover the draft model's
+next guesses where a chain fails most: its first token. The tree is grown one level per draft
+forward (all branches at once under a tree attention mask, :func:`forward_tree_level`), so a tree
+costs as many draft forwards as a chain of the same length. The draft cache keeps every grown node;
+the next ``propose`` keeps only the path the target accepted (:meth:`LMAdapter.keep`), found by
+walking the new context down the tree (a node's keys/values depend only on its path's tokens).
+
+Sampling stays lossless: ``Draft.probs`` holds the draft distribution for every drawn token (branch
+0's first token and all deeper ones, each node drawn alone from its parent's distribution: ordinary
+speculative sampling) and a one-hot row for the k - 1 deterministic candidates. Verification
+(SpecInfer's sibling rule in :func:`decodelab.verify.tree_speculative_sampling`) then treats those as
+deterministic proposals: accepted with the current probability of the token, which is removed from
+the distribution when rejected; exact given any proposed token. Passing the draft distribution for
+top-k candidates instead (they are not independent draws from it) would bias the output.
 """
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Set
 
 import torch
 
+from decodelab import tree
 from decodelab.adapter import LMAdapter, common_prefix
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
 from decodelab.draft_length import DraftLengthConfig, LengthController, build_controller
@@ -34,6 +56,8 @@ from decodelab.drafters.base import Draft, Drafter
 from decodelab.errors import ConfigError, UserError, check
 from decodelab.sampling import LogitsPipeline
 
+# Most candidates at the first draft position (each also grows a branch: the tree has up to branching x length nodes).
+MAX_BRANCHING = 64
 PROBE_TEXT = "Hello, world! def f(x):\n    return x * 2  # 42 caf\u00e9 \u4f60\u597d <tag> 3.14"
 
 
@@ -48,6 +72,8 @@ class DraftModelConfig(DrafterConfig):
     retokenize_window: int = 8
     # How many tokens to draft per step: decodelab/draft_length.py.
     length: DraftLengthConfig = field(default_factory=DraftLengthConfig)
+    # Candidates at the first draft position (a top-k token tree, see the module docstring); 1 drafts a chain.
+    branching: int = 1
 
     def set_draft_length(self, length: int) -> None:
         self.length.set_length(length)
@@ -56,6 +82,10 @@ class DraftModelConfig(DrafterConfig):
         self.model.validate(f"{key}.model")
         self.length.validate(f"{key}.length")
         check(self.retokenize_window >= 1, f"{key}.retokenize_window", f"must be >= 1, got {self.retokenize_window}")
+        check(1 <= self.branching <= MAX_BRANCHING, f"{key}.branching",
+              f"must be in [1, {MAX_BRANCHING}], got {self.branching}")
+        check(self.branching == 1 or not self.retokenize, f"{key}.branching",
+              f"drafting through text (retokenize=true) drafts chains only: must be 1, got {self.branching}")
         from decodelab.models import check_model_available
 
         check_model_available(self.model)
@@ -175,6 +205,86 @@ class ChainDrafter(Drafter):
 
 
 # --------------------------------------------------------------------------------------------------
+# Token trees grown one level per forward
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class GrowingTree:
+    """A draft tree rooted at the last of ``base`` context tokens (the draft cache holds the context).
+
+    ``cached`` lists the nodes run through the draft model, in cache order after the context: every
+    node but the deepest ones (like a chain's last token, a leaf is only run once it is accepted).
+    """
+
+    base: int
+    tokens: List[int] = field(default_factory=list)
+    parents: List[int] = field(default_factory=list)
+    cached: List[int] = field(default_factory=list)
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        return len(self.tokens) - 1
+
+    def path_tokens(self, node: int) -> List[int]:
+        return [self.tokens[i] for i in tree.path_to(self.parents, node)]
+
+    def depth_of(self, nodes: int) -> int:
+        """Depth of the tree cut to its first ``nodes`` nodes (engine.fit_draft cuts whole levels)."""
+        levels = tree.depths(self.parents)
+        ends = [sum(1 for d in levels if d <= depth) for depth in range(1, max(levels, default=0) + 1)]
+        return bisect.bisect_right(ends, nodes)
+
+    def followed(self, context: Sequence[int]) -> List[int]:
+        """The cached nodes ``context`` runs through after the base: the longest such path from the root."""
+        slots = set(self.cached)
+        kids = tree.children(self.parents)
+        path: List[int] = []
+        node = tree.ROOT
+        for token in context[self.base:]:
+            node = next((c for c in kids[node] if c in slots and self.tokens[c] == token), None)
+            if node is None:
+                break
+            path.append(node)
+        return path
+
+
+@torch.inference_mode()
+def forward_tree_level(lm: LMAdapter, grown: GrowingTree, nodes: Sequence[int]) -> torch.Tensor:
+    """Run ``nodes`` of ``grown`` (their ancestors all cached) in one forward; logits [len(nodes), vocab].
+
+    :meth:`LMAdapter.forward_tree` runs a whole tree after a plain cache. Growing a tree one level per
+    forward needs rows that see the context, their own ancestors among the cached nodes (not their
+    cousins) and themselves, at position root + depth: each row's logits are those of its path run as
+    a chain. The nodes are appended to the cache and to ``grown.cached``.
+    """
+    lm._check_tree_support()
+    nodes = list(nodes)
+    past = len(lm.tokens)
+    if past != grown.base + len(grown.cached):
+        raise RuntimeError(f"the draft cache holds {past} tokens, the growing tree expects "
+                           f"{grown.base} + {len(grown.cached)}")
+    lineage = tree.ancestry(grown.parents)
+    rows = torch.tensor([tree.row(n) for n in nodes])
+    cols = torch.tensor([tree.row(n) for n in grown.cached + nodes])
+    allowed = torch.ones(len(nodes), past + len(nodes), dtype=torch.bool)
+    allowed[:, grown.base:] = lineage[rows][:, cols]
+    dtype = next(lm.model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    depths = tree.depths(grown.parents)
+    ids = [grown.tokens[n] for n in nodes]
+    out = lm.model(input_ids=torch.tensor([ids], dtype=torch.long, device=lm.device),
+                   attention_mask=mask[None, None].to(lm.device),
+                   position_ids=torch.tensor([[grown.base - 1 + depths[n] for n in nodes]], device=lm.device),
+                   past_key_values=lm.cache, use_cache=True)
+    lm.cache = out.past_key_values
+    lm.tokens.extend(ids)
+    lm.forwards += 1
+    grown.cached.extend(nodes)
+    return out.logits[0].float()
+
+
+# --------------------------------------------------------------------------------------------------
 
 class DraftModelDrafter(ChainDrafter):
     name = "draft_model"
@@ -213,12 +323,88 @@ class DraftModelDrafter(ChainDrafter):
                                 f"{loaded.name!r}'s tokenizer ({reason}); set drafter.retokenize=true to draft "
                                 "through text (greedy only) or choose a draft model with the same tokenizer")
             self.eos_ids = model_eos_ids(loaded.model, self.target_tokenizer)
+        # The tree drafted last (branching > 1): its nodes stay in the draft cache until the next propose.
+        self.grown: Optional[GrowingTree] = None
+        if cfg.branching > 1:
+            check_tree_support(target, "target")
+            check_tree_support(self.lm, "draft model")
 
     def propose(self, context: Sequence[int]) -> Draft:
         n = self.controller.next_length()
         if self.cfg.retokenize:
             return self._propose_retokenized(context, n)
+        if self.cfg.branching > 1:
+            return self._draft_tree(context, n)
         return self._draft_chain(context, n)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        # Length controllers think in draft lengths: a tree's is its depth, not its node count.
+        if self.grown is not None:
+            drafted = self.grown.depth_of(drafted)
+        self.controller.update(drafted, accepted)
+
+    # --- top-k branching -----------------------------------------------------------------------
+
+    def _draft_tree(self, context: Sequence[int], n: int) -> Draft:
+        context = list(context)
+        before = self.lm.forwards
+        self._settle(context)
+        logits = self._catch_up(context)
+        grown = GrowingTree(base=len(context))
+        rows: List[torch.Tensor] = []
+        first = self._choose(logits, context)
+        frontier: List[int] = []
+        for token, row, confidence in [first] + self._candidates(logits, context, first[0]):
+            node = grown.add(token, tree.ROOT)
+            rows.append(row)
+            if self._extends(token, 0, n, confidence):
+                frontier.append(node)
+        for position in range(1, n):
+            if not frontier:
+                break
+            level = forward_tree_level(self.lm, grown, frontier)
+            self.tokens_fed += len(frontier)
+            grows: List[int] = []
+            for parent, parent_logits in zip(frontier, level):
+                token, row, confidence = self._choose(parent_logits, context + grown.path_tokens(parent))
+                node = grown.add(token, parent)
+                rows.append(row)
+                if self._extends(token, position, n, confidence):
+                    grows.append(node)
+            frontier = grows
+        self.grown = grown
+        return Draft(tokens=list(grown.tokens), probs=torch.stack(rows), forwards=self.lm.forwards - before,
+                     parents=list(grown.parents))
+
+    def _settle(self, context: List[int]) -> None:
+        """Compact the draft cache to the context plus the last tree's path that ``context`` follows."""
+        grown, self.grown = self.grown, None
+        if grown is None or len(self.lm.tokens) != grown.base + len(grown.cached):
+            return
+        path = grown.followed(context) if self.lm.tokens[:grown.base] == context[:grown.base] else []
+        slot = {node: i for i, node in enumerate(grown.cached)}
+        self.lm.keep(list(range(grown.base)) + [grown.base + slot[node] for node in path])
+
+    def _candidates(self, logits: torch.Tensor, seen_ids: List[int], first: int):
+        """The other first-position candidates: (token, one-hot row, confidence) for the k - 1 most likely
+        draft tokens besides ``first`` that the strategy's filters keep."""
+        x = fit_vocab(logits.float(), self.vocab)
+        seen = torch.tensor(seen_ids, dtype=torch.long, device=x.device) if self.pipeline.penalty != 1.0 else None
+        scores = self.pipeline.process(x, seen)
+        k = self.cfg.branching
+        top = scores.topk(min(k, scores.numel()))
+        likely = scores.softmax(-1) if self._wants_confidence else None
+        out = []
+        for score, token in zip(top.values.tolist(), top.indices.tolist()):
+            if token != first and score != float("-inf") and len(out) < k - 1:
+                row = torch.zeros_like(x)
+                row[token] = 1.0
+                out.append((token, row, float(likely[token]) if likely is not None else 1.0))
+        return out
+
+    def _extends(self, token: int, position: int, n: int, confidence: float) -> bool:
+        """Whether the branch ending in ``token`` (at draft ``position``) grows further; as the chain stops."""
+        return token not in self.eos_ids and position < n - 1 and self.controller.keep_drafting(position, confidence)
 
     # --- different tokenizers ------------------------------------------------------------------
 
@@ -275,6 +461,15 @@ class DraftModelDrafter(ChainDrafter):
             tokens = tokens + [self.target_eos]
         cut = next((i for i, t in enumerate(tokens) if not 0 <= t < self.vocab), len(tokens))
         return tokens[:cut]
+
+
+def check_tree_support(lm: LMAdapter, who: str) -> None:
+    """drafter.branching > 1 needs tree attention in both models (4-D masks, no sliding-window layers)."""
+    try:
+        lm._check_tree_support()
+    except NotImplementedError as err:
+        raise ConfigError("drafter.branching", f"a token tree needs tree attention in the {who}: {err}; "
+                          "use drafter.branching=1 (a chain)") from None
 
 
 def backend_like(target: LMAdapter) -> BackendConfig:
