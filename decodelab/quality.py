@@ -81,7 +81,10 @@ def diversity(text: str) -> Dict[str, float]:
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
+    from absl import logging as absl_logging
     from rouge_score import rouge_scorer  # imported lazily: it pulls in nltk
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # not "Using default tokenizer" on every run
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 

@@ -8,6 +8,15 @@ from pathlib import Path
 
 import pytest
 
+# absl (pulled in by rouge-score) binds its log handler to whatever sys.stderr is when it is imported, and
+# closes that stream when logging is reconfigured (Hydra's job logging does so) unless it is the current
+# sys.stderr. Under pytest that stream is pytest's own capture file: closing it kills the test session.
+# Bind it to the real stderr, which absl never closes.
+import absl.logging  # noqa: E402
+import sys  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
