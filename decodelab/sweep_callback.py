@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from decodelab.sweep_dir import REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
-from decodelab.tracking.local import SUMMARY_FILE, plain, read_json, write_json
+from decodelab.tracking.local import plain, read_json, write_json
 from decodelab.tracking.mlflow_tracker import PARENT_RUN_ENV
 from decodelab.tracking.wandb_tracker import GROUP_ENV as WANDB_GROUP_ENV
 
@@ -29,6 +29,8 @@ SWEEP_NAME_ENV = "DECODELAB_SWEEP_NAME"
 SWEEP_DIR_ENV = "DECODELAB_SWEEP_DIR"
 # The sweep folder of the multirun that ran last in this process (the CLI reads its summary for the exit code).
 LAST_SWEEP: Dict[str, Optional[Path]] = {"dir": None}
+# Job statuses that make a sweep's command fail (REUSED and FINISHED jobs have results).
+FAILED_STATUSES = ("FAILED", "UNFINISHED", "UNREADABLE")
 
 
 class SweepCallback(Callback):
@@ -62,7 +64,7 @@ class SweepCallback(Callback):
         write_json(sweep_dir / SWEEP_SUMMARY_FILE, summary)
         report = _write_report(sweep_dir)
         self._finish_parent(sweep_dir, counts)
-        failed = [r for r in rows if r["status"] in ("FAILED", "UNFINISHED")]
+        failed = [r for r in rows if r["status"] in FAILED_STATUSES]
         line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
         print(f"decodelab: sweep {sweep_dir}: {line or 'no jobs'}; summary: {sweep_dir / SWEEP_SUMMARY_FILE}"
               + (f"; report: {report}" if report else ""), file=sys.stderr, flush=True)
@@ -105,7 +107,10 @@ def leave_sweep() -> None:
 
 
 def summarize_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
-    """One row per job folder: status FINISHED | FAILED | UNFINISHED | REUSED, error, run folder, overrides."""
+    """One row per job folder: status FINISHED | FAILED | UNFINISHED | UNREADABLE | REUSED, error, run folder,
+    overrides."""
+    from decodelab.sweep_report import UNFINISHED, load_job
+
     rows = []
     for folder in job_dirs(sweep_dir):
         overrides_file = folder / ".hydra" / "overrides.yaml"
@@ -115,14 +120,14 @@ def summarize_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
         if (folder / REUSED_FILE).is_file():
             reused = read_json(folder / REUSED_FILE)
             row.update(status="REUSED", run_dir=reused["run_dir"], config_hash=reused.get("config_hash"))
-        elif (folder / SUMMARY_FILE).is_file():
-            summary = read_json(folder / SUMMARY_FILE)
-            row.update(status=summary.get("status", "FINISHED"), error=summary.get("error"))
-            for key in ("speedup", "throughput_tok_s", "mean_accepted_length", "acceptance_rate", "lossless_rate"):
-                if key in summary:
-                    row[key] = summary[key]
         else:
-            row["error"] = "no summary.json: the job was killed or is still running"
+            job = load_job(folder, folder.name)  # the report's reading of a job folder: one rule for both
+            row.update(status=job.status, error=job.error)
+            if job.status == UNFINISHED:
+                row["error"] = "no summary.json: the job was killed or is still running"
+            for key in ("speedup", "throughput_tok_s", "mean_accepted_length", "acceptance_rate", "lossless_rate"):
+                if key in job.summary:
+                    row[key] = job.summary[key]
         tracking = folder / "tracking.json"
         if tracking.is_file():
             row.setdefault("config_hash", read_json(tracking).get("tags", {}).get("config_hash"))
@@ -180,4 +185,4 @@ def _write_report(sweep_dir: Path) -> Optional[Path]:
 def sweep_failures(sweep_dir: Path) -> List[Dict[str, Any]]:
     path = sweep_dir / SWEEP_SUMMARY_FILE
     rows = json.loads(path.read_text())["jobs"] if path.is_file() else []
-    return [plain(r) for r in rows if r["status"] in ("FAILED", "UNFINISHED")]
+    return [plain(r) for r in rows if r["status"] in FAILED_STATUSES]
