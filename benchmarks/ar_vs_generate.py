@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from decodelab.adapter import LMAdapter
-from decodelab.compose import compose
+from decodelab.decoding.lm import LMAdapter
+from decodelab.experiment.compose import compose
 from decodelab.config import DrafterConfig, StrategyConfig, to_run_config
 from decodelab.drafters.none import NoDrafter
-from decodelab.engine import StopCriteria, decode
-from decodelab.fingerprint import environment_fingerprint
-from decodelab.models import load_model
-from decodelab.runner import PromptRunner, eos_ids, setup_backend
-from decodelab.sampling import LogitsPipeline
+from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.experiment.fingerprint import environment_fingerprint
+from decodelab.models.loading import load_model
+from decodelab.experiment.runner import PromptRunner, eos_ids, setup_backend
+from decodelab.decoding.logits import LogitsPipeline
 from decodelab.tasks import load_task
 
 

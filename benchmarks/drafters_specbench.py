@@ -14,10 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-from decodelab.compose import compose
-from decodelab.drafters import REGISTRY
-from decodelab.metrics import summarize
-from decodelab.runner import run
+from decodelab.experiment.compose import compose
+from decodelab.drafters.registry import REGISTRY
+from decodelab.experiment.metrics import summarize
+from decodelab.experiment.runner import run
 
 CATEGORIES = ["conversation", "translation", "summarization", "qa", "math_reasoning", "rag"]
 

@@ -26,7 +26,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decodelab.simulate import grid_points, load_run, simulate  # noqa: E402
+from decodelab.analysis.simulate import grid_points, load_run, simulate  # noqa: E402
 
 
 def latency_curve(path: Path):

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from decodelab.compose import compose
+from decodelab.experiment.compose import compose
 from decodelab.config import DrafterConfig, to_run_config
 from decodelab.drafters.none import NoDrafter
-from decodelab.engine import decode
-from decodelab.fingerprint import environment_fingerprint
-from decodelab.models import load_model
-from decodelab.runner import PromptRunner, eos_ids, setup_backend
+from decodelab.decoding.engine import decode
+from decodelab.experiment.fingerprint import environment_fingerprint
+from decodelab.models.loading import load_model
+from decodelab.experiment.runner import PromptRunner, eos_ids, setup_backend
 from decodelab.tasks import load_task
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decodelab.sweep_dir import SWEEP_SUMMARY_FILE, job_dirs  # noqa: E402
+from decodelab.tracking.sweep_folder import SWEEP_SUMMARY_FILE, job_dirs  # noqa: E402
 
 LAUNCH_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] \t#(\d+) :")
 
@@ -94,7 +94,7 @@ def main() -> None:
         "outside_per_job_s": round((outside - (before_first_job or 0.0)) / max(len(jobs), 1), 2),
         "per_job": rows,
     }
-    from decodelab.fingerprint import environment_fingerprint
+    from decodelab.experiment.fingerprint import environment_fingerprint
 
     result["fingerprint"] = environment_fingerprint(seeds={}, threads=None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

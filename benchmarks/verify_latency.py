@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from decodelab.adapter import LMAdapter
-from decodelab.compose import compose
+from decodelab.decoding.lm import LMAdapter
+from decodelab.experiment.compose import compose
 from decodelab.config import to_run_config
-from decodelab.fingerprint import environment_fingerprint
-from decodelab.models import load_model
-from decodelab.runner import setup_backend
+from decodelab.experiment.fingerprint import environment_fingerprint
+from decodelab.models.loading import load_model
+from decodelab.experiment.runner import setup_backend
 
 SIZES = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
 

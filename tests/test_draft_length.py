@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from decodelab.draft_length import DraftLengthConfig, UCBLength, build_controller
+from decodelab.drafters.length import DraftLengthConfig, UCBLength, build_controller
 from decodelab.errors import ConfigError
 
 

@@ -14,15 +14,15 @@ import copy
 import pytest
 import torch
 
-from decodelab import tree
-from decodelab.adapter import LMAdapter
+from decodelab.decoding import tree
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import StrategyConfig
-from decodelab.drafters import drafter_config
+from decodelab.drafters.registry import drafter_config
 from decodelab.drafters.draft_model import fit_vocab
-from decodelab.engine import verify_step
+from decodelab.decoding.engine import verify_step
 from decodelab.errors import ConfigError
-from decodelab.models import LoadedModel
-from decodelab.sampling import LogitsPipeline
+from decodelab.models.loading import LoadedModel
+from decodelab.decoding.logits import LogitsPipeline
 from test_drafters_model import PROMPTS, _ar, _decode, _draft_model, _drafter, _encode, _tiny
 from test_verify import _counts, assert_follows, chi_square_pvalue
 
@@ -278,8 +278,8 @@ def test_composed_config_runs_a_tree(tmp_path, monkeypatch):
     """drafter.branching from the command line, through the runner: samples carry the depth of each step."""
     import json
 
-    from decodelab.compose import compose
-    from decodelab.runner import run
+    from decodelab.experiment.compose import compose
+    from decodelab.experiment.runner import run
 
     monkeypatch.setenv("DECODELAB_CACHE", str(tmp_path / "cache"))
     summary = run(compose(["model=tiny-random", "drafter=draft_model", "model@drafter.model=tiny-random",

@@ -8,15 +8,15 @@ import importlib.util
 import pytest
 import torch
 
-from decodelab.adapter import LMAdapter
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
-from decodelab.drafters import build_drafter, drafter_config
+from decodelab.drafters.registry import build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
-from decodelab.engine import StopCriteria, decode
+from decodelab.decoding.engine import StopCriteria, decode
 from decodelab.errors import ConfigError, UserError
-from decodelab.models import LoadedModel, load_model
-from decodelab.runner import chat_template_ids, eos_ids
-from decodelab.sampling import LogitsPipeline
+from decodelab.models.loading import LoadedModel, load_model
+from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.decoding.logits import LogitsPipeline
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +167,7 @@ def test_draft_logits_are_fitted_to_the_target_vocab(target):
 
 
 def test_composed_config_builds_the_draft_model():
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import to_run_config
 
     run = to_run_config(compose(["model=tiny-random", "drafter=draft_model", "model@drafter.model=tiny-random",
@@ -343,7 +343,7 @@ def test_layer_skip_config_errors(target):
 def test_layer_skip_refuses_other_architectures():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from decodelab.models import build_tiny_tokenizer
+    from decodelab.models.loading import build_tiny_tokenizer
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).eval()
     loaded = LoadedModel(model=model, tokenizer=build_tiny_tokenizer(), name="tiny-gpt2", fingerprint="x")
@@ -374,7 +374,7 @@ def test_smollm2_layer_skip_half_is_lossless(smollm2_loaded):
 
 @pytest.mark.slow
 def test_smollm2_drafting_for_itself_is_lossless(smollm2_loaded):
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import to_run_config
 
     run = to_run_config(compose(["drafter=draft_model", "logger=none", "output_dir=unused"]))
@@ -415,7 +415,7 @@ def test_qwen_coder_pair_is_lossless():
     """Qwen2.5-Coder-1.5B drafted by the 0.5B (same tokenizer), one short prompt."""
     import gc
 
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import to_run_config
 
     run = to_run_config(compose(["model=qwen2.5-coder-1.5b", "drafter=draft_model",

@@ -9,16 +9,16 @@ from typing import List, Sequence
 import pytest
 import torch
 
-from decodelab.adapter import LMAdapter
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import DrafterConfig, StrategyConfig
-from decodelab.drafters import REGISTRY, build_drafter, drafter_config
+from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
 from decodelab.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie
-from decodelab.engine import StopCriteria, decode
+from decodelab.decoding.engine import StopCriteria, decode
 from decodelab.errors import UserError
-from decodelab.runner import chat_template_ids, eos_ids
-from decodelab.sampling import LogitsPipeline
+from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.decoding.logits import LogitsPipeline
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_suffix_trie_counts_bruteforce():
 # config
 # ---------------------------------------------------------------------------------------------------
 def test_registered_with_yaml_defaults():
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
 
     for name, schema in [("prompt_lookup", PromptLookupConfig), ("suffix", SuffixConfig)]:
         assert REGISTRY[name].config_class is schema
@@ -329,7 +329,7 @@ def test_registered_with_yaml_defaults():
     ("drafter.num_speculative_tokens=0", "drafter.num_speculative_tokens"),
 ])
 def test_pld_bad_values_name_the_key(override, key):
-    from decodelab.compose import compose, validate
+    from decodelab.experiment.compose import compose, validate
 
     cfg = compose(["drafter=prompt_lookup", override, "logger=none"])
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -343,7 +343,7 @@ def test_pld_bad_values_name_the_key(override, key):
     ("drafter.max_spec_tokens=0", "drafter.max_spec_tokens"),
 ])
 def test_suffix_bad_values_name_the_key(override, key):
-    from decodelab.compose import compose, validate
+    from decodelab.experiment.compose import compose, validate
 
     cfg = compose(["drafter=suffix", override, "logger=none"])
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -351,7 +351,7 @@ def test_suffix_bad_values_name_the_key(override, key):
 
 
 def test_cli_compose_rejects_bad_ngram_size():
-    from decodelab.compose import compose, validate
+    from decodelab.experiment.compose import compose, validate
 
     with pytest.raises(UserError, match=r"drafter\.max_ngram_size"):
         validate(compose(["drafter=prompt_lookup", "drafter.max_ngram_size=0"]))

@@ -18,19 +18,19 @@ import numpy as np
 import pytest
 import torch
 
-import decodelab.engine as engine
-from decodelab import tree
-from decodelab.adapter import LMAdapter
+import decodelab.decoding.engine as engine
+from decodelab.decoding import tree
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import DrafterConfig, StrategyConfig
-from decodelab.drafters import REGISTRY, build_drafter, drafter_config
+from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
 from decodelab.drafters.lookahead import LookaheadConfig, LookaheadDrafter, NgramPool, Trie
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.token_recycling import (EMPTY, TokenRecyclingConfig, TokenRecyclingDrafter, rank_prior,
                                                 tree_template)
-from decodelab.engine import StopCriteria, decode
+from decodelab.decoding.engine import StopCriteria, decode
 from decodelab.errors import UserError
-from decodelab.runner import chat_template_ids, eos_ids
-from decodelab.sampling import LogitsPipeline
+from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.decoding.logits import LogitsPipeline
 
 ENGINE_OBSERVES = "observe" in inspect.getsource(engine)
 
@@ -273,7 +273,7 @@ def test_lookahead_own_forward_restores_the_cache(tiny_loaded):
 # config
 # ---------------------------------------------------------------------------------------------------
 def test_registered_with_yaml_defaults():
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
 
     for name, schema in [("token_recycling", TokenRecyclingConfig), ("lookahead", LookaheadConfig)]:
         assert REGISTRY[name].config_class is schema
@@ -292,7 +292,7 @@ def test_registered_with_yaml_defaults():
     ("lookahead", "drafter.guess_set_size=0", "drafter.guess_set_size"),
 ])
 def test_bad_values_name_the_key(drafter, override, key):
-    from decodelab.compose import compose, validate
+    from decodelab.experiment.compose import compose, validate
 
     extra = ["drafter.topk=2", "drafter.depth=3"] if key == "drafter.tree_size" and "20" in override else []
     cfg = compose([f"drafter={drafter}", override, *extra, "logger=none"])

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decodelab.adapter import LMAdapter
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import StrategyConfig
 from decodelab.config import DrafterConfig
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.drafters.none import NoDrafter
-from decodelab.engine import StopCriteria, decode
-from decodelab.runner import chat_template_ids, eos_ids
-from decodelab.sampling import LogitsPipeline
+from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.decoding.logits import LogitsPipeline
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from decodelab.fingerprint import environment_fingerprint, git_state
+from decodelab.experiment.fingerprint import environment_fingerprint, git_state
 
 KEYS = {
     "timestamp": str, "hostname": str, "os": str, "python": str, "cpu_model": str,

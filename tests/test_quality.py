@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from decodelab.quality import aggregate_quality, distinct_n, extract_code, math_exact, repetition_rate, run_sandboxed, score
+from decodelab.experiment.quality import aggregate_quality, distinct_n, extract_code, math_exact, repetition_rate, run_sandboxed, score
 from decodelab.tasks.base import Prompt
 from decodelab.tasks.humaneval import load_humaneval, read_problems
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from decodelab.compose import compose
+from decodelab.experiment.compose import compose
 from decodelab.errors import UserError
-from decodelab.reproduce import (RESULT_FILE, Source, cli, default_output_dir, environment_changes,
+from decodelab.analysis.reproduce import (RESULT_FILE, Source, cli, default_output_dir, environment_changes,
                                  first_difference, parse_args, reproduce)
-from decodelab.runner import run
+from decodelab.experiment.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from decodelab.compose import compose
-from decodelab.metrics import HEADLINE
-from decodelab.runner import run
+from decodelab.experiment.compose import compose
+from decodelab.experiment.metrics import HEADLINE
+from decodelab.experiment.runner import run
 
 EXE = str(Path(sys.executable).with_name("decodelab"))
 TINY = ["model=tiny-random", "task.max_new_tokens=12"]

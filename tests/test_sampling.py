@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 )
 
 from decodelab.config import StrategyConfig
-from decodelab.sampling import ORDER, ChainContext, LogitsPipeline
+from decodelab.decoding.logits import ORDER, ChainContext, LogitsPipeline
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from decodelab.cli import main
-from decodelab.compose import compose
+from decodelab.experiment.compose import compose
 from decodelab.errors import UserError
-from decodelab.runner import run
-from decodelab.simulate import load_run, parse_grid, simulate
-from decodelab.telemetry import acceptance_stats
+from decodelab.experiment.runner import run
+from decodelab.analysis.simulate import load_run, parse_grid, simulate
+from decodelab.experiment.telemetry import acceptance_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,8 @@ from typing import Dict, List, Tuple
 import pytest
 
 from decodelab.errors import UserError
-from decodelab.plots import pareto_front
-from decodelab.sweep_report import MISSING, cli, load_job, varied_keys, write_report, _acceptance
+from decodelab.experiment.plots import pareto_front
+from decodelab.analysis.report import MISSING, cli, load_job, varied_keys, write_report, _acceptance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DECODELAB = Path(sys.executable).with_name("decodelab")

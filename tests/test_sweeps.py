@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from decodelab.sweep_dir import SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta, run_dirs
+from decodelab.tracking.sweep_folder import SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta, run_dirs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,7 +192,7 @@ def test_resume_after_sigkill_loses_no_finished_sample(tmp_path):
 
 
 def test_jobs_in_one_process_load_the_model_once(tmp_path, monkeypatch):
-    from decodelab import models
+    from decodelab.models import loading as models
     from decodelab.cli import main
 
     calls = []
@@ -226,7 +226,7 @@ def test_wandb_group_per_sweep_each_job_its_own_finished_run(tmp_path):
 def test_job_raising_at_run_time_is_recorded_failed(tmp_path, monkeypatch, capsys):
     """Not a config error: a job runs out of memory on its second prompt. It is recorded FAILED with the
     sample it finished, the sweep goes on, and MLflow shows the failed child with its error."""
-    from decodelab.runner import PromptRunner
+    from decodelab.experiment.runner import PromptRunner
 
     real_run_prompt = PromptRunner.run_prompt
 

@@ -8,14 +8,14 @@ from typing import Sequence
 
 import pytest
 
-from decodelab.baseline import bootstrap_speedup, divergence
-from decodelab.adapter import LMAdapter
-from decodelab.compose import compose
+from decodelab.experiment.baseline import bootstrap_speedup, divergence
+from decodelab.decoding.lm import LMAdapter
+from decodelab.experiment.compose import compose
 from decodelab.config import DrafterConfig
-from decodelab.drafters import REGISTRY
+from decodelab.drafters.registry import REGISTRY
 from decodelab.drafters.base import Draft, Drafter
-from decodelab.runner import run
-from decodelab.telemetry import acceptance_stats, cost_model, expected_tokens_per_step, predicted_speedup
+from decodelab.experiment.runner import run
+from decodelab.experiment.telemetry import acceptance_stats, cost_model, expected_tokens_per_step, predicted_speedup
 
 
 def test_acceptance_stats_by_hand():

@@ -23,9 +23,9 @@ import yaml
 
 from decodelab.config import LoggerConfig, MlflowConfig, WandbConfig
 from decodelab.errors import UserError
-from decodelab.tracking import Tracker, upload_run
-from decodelab.tracking.mlflow_tracker import PARENT_RUN_ENV, HTTP_ENV_DEFAULTS, config_params
-from decodelab.tracking.wandb_tracker import resolve_mode, sample_row
+from decodelab.tracking.tracker import Tracker, upload_run
+from decodelab.tracking.mlflow_remote import PARENT_RUN_ENV, HTTP_ENV_DEFAULTS, config_params
+from decodelab.tracking.wandb_remote import resolve_mode, sample_row
 
 CONFIG = {
     "model": {"name": "tiny", "source": "tiny_random", "hidden_size": 64},

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decodelab import tree
-from decodelab.adapter import LMAdapter
+from decodelab.decoding import tree
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import StrategyConfig
 from decodelab.drafters.base import Draft
-from decodelab.sampling import LogitsPipeline
-from decodelab.verify import verify
+from decodelab.decoding.logits import LogitsPipeline
+from decodelab.decoding.verify import verify
 
 # root -> 0 -> {1, 2};  root -> 3 -> 4 -> 5;  root -> 6
 PARENTS = [-1, 0, 0, -1, 3, 4, -1]
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny_qwen2():
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import to_run_config
-    from decodelab.models import load_model
+    from decodelab.models.loading import load_model
 
     run = to_run_config(compose(["model=tiny-random", "model.architecture=qwen2", "logger=none", "output_dir=unused"]))
     return load_model(run.model, run.backend)

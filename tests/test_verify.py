@@ -15,11 +15,11 @@ from typing import List, Sequence
 import pytest
 import torch
 
-import decodelab.verify as verify_module
+import decodelab.decoding.verify as verify_module
 from decodelab.config import StrategyConfig
 from decodelab.drafters.base import Draft
-from decodelab.sampling import LogitsPipeline
-from decodelab.verify import (Verdict, residual, speculative_sampling, tree_speculative_sampling, typical_threshold,
+from decodelab.decoding.logits import LogitsPipeline
+from decodelab.decoding.verify import (Verdict, residual, speculative_sampling, tree_speculative_sampling, typical_threshold,
                               verify)
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).

@@ -13,7 +13,7 @@ class Draft:
     """Proposed tokens: a chain (``parents`` None) or a token tree.
 
     ``parents[i]`` is the index of token i's parent in ``tokens``, -1 for a child of the root (the last
-    committed token); parents come first (``parents[i] < i``). See :mod:`decodelab.tree`.
+    committed token); parents come first (``parents[i] < i``). See :mod:`decodelab.decoding.tree`.
     """
 
     tokens: List[int]

@@ -33,7 +33,7 @@ walking the new context down the tree (a node's keys/values depend only on its p
 Sampling stays lossless: ``Draft.probs`` holds the draft distribution for every drawn token (branch
 0's first token and all deeper ones, each node drawn alone from its parent's distribution: ordinary
 speculative sampling) and a one-hot row for the k - 1 deterministic candidates. Verification
-(SpecInfer's sibling rule in :func:`decodelab.verify.tree_speculative_sampling`) then treats those as
+(SpecInfer's sibling rule in :func:`decodelab.decoding.verify.tree_speculative_sampling`) then treats those as
 deterministic proposals: accepted with the current probability of the token, which is removed from
 the distribution when rejected; exact given any proposed token. Passing the draft distribution for
 top-k candidates instead (they are not independent draws from it) would bias the output.
@@ -48,13 +48,13 @@ from typing import List, Optional, Sequence, Set
 
 import torch
 
-from decodelab import tree
-from decodelab.adapter import LMAdapter, common_prefix
+from decodelab.decoding import tree
+from decodelab.decoding.lm import LMAdapter, common_prefix
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
-from decodelab.draft_length import DraftLengthConfig, LengthController, build_controller
+from decodelab.drafters.length import DraftLengthConfig, LengthController, build_controller
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.errors import ConfigError, UserError, check
-from decodelab.sampling import LogitsPipeline
+from decodelab.decoding.logits import LogitsPipeline
 
 # Most candidates at the first draft position (each also grows a branch: the tree has up to branching x length nodes).
 MAX_BRANCHING = 64
@@ -86,7 +86,7 @@ class DraftModelConfig(DrafterConfig):
               f"must be in [1, {MAX_BRANCHING}], got {self.branching}")
         check(self.branching == 1 or not self.retokenize, f"{key}.branching",
               f"drafting through text (retokenize=true) drafts chains only: must be 1, got {self.branching}")
-        from decodelab.models import check_model_available
+        from decodelab.models.loading import check_model_available
 
         check_model_available(self.model)
 
@@ -294,7 +294,7 @@ class DraftModelDrafter(ChainDrafter):
                  strategy: Optional[StrategyConfig] = None, backend: Optional[BackendConfig] = None, draft=None,
                  **_parts):
         """``draft``: an already loaded draft model (LoadedModel), instead of loading ``cfg.model``."""
-        from decodelab.models import load_model
+        from decodelab.models.loading import load_model
 
         self.cfg = cfg
         pipeline = resolve_pipeline(pipeline, strategy, self.name)

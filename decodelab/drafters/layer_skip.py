@@ -19,13 +19,13 @@ import torch
 
 from transformers.masking_utils import create_causal_mask
 
-from decodelab.adapter import LMAdapter
+from decodelab.decoding.lm import LMAdapter
 from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
-from decodelab.draft_length import DraftLengthConfig
+from decodelab.drafters.length import DraftLengthConfig
 from decodelab.drafters.base import Draft
 from decodelab.drafters.draft_model import ChainDrafter, model_eos_ids, output_vocab, resolve_pipeline
 from decodelab.errors import ConfigError, check
-from decodelab.sampling import LogitsPipeline
+from decodelab.decoding.logits import LogitsPipeline
 
 SUPPORTED = ("llama", "qwen2")
 

@@ -42,7 +42,7 @@ import torch
 from decodelab.config import DrafterConfig
 from decodelab.drafters.base import Draft, Drafter
 from decodelab.errors import check
-from decodelab.tree import ROOT
+from decodelab.decoding.tree import ROOT
 
 
 @dataclass

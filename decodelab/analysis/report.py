@@ -24,12 +24,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from decodelab import plots
+from decodelab.experiment import plots
 from decodelab.errors import UserError
-from decodelab.sweep_dir import read_sweep_meta, run_dirs
-from decodelab.telemetry import acceptance_stats, merge_steps
-from decodelab.tracking.local import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, iter_samples, read_json, write_json
-from decodelab.tracking.mlflow_tracker import RUN_DIR_TAG, flatten
+from decodelab.tracking.sweep_folder import read_sweep_meta, run_dirs
+from decodelab.experiment.telemetry import acceptance_stats, merge_steps
+from decodelab.tracking.run_folder import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, iter_samples, read_json, write_json
+from decodelab.tracking.mlflow_remote import RUN_DIR_TAG, flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 REPORT_FOLDER = "report"
@@ -379,7 +379,7 @@ def build_report(jobs: List[Job], title: str, source: str, out_dir: Path) -> Rep
 # ---------------------------------------------------------------------------------------------- sources
 
 def _mlflow_client(tracking_uri: str):
-    from decodelab.tracking.mlflow_tracker import existing_store_client
+    from decodelab.tracking.mlflow_remote import existing_store_client
 
     return existing_store_client(tracking_uri)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from decodelab.config import WandbConfig
-from decodelab.tracking.local import plain
+from decodelab.tracking.run_folder import plain
 
 TABLE_COLUMNS = ["id", "category", "prompt", "output", "new_tokens", "tok_s"]
 MAX_TAG_LENGTH = 64  # W&B rejects longer tags

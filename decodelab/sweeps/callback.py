@@ -19,10 +19,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from decodelab.sweep_dir import REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
-from decodelab.tracking.local import plain, read_json, write_json
-from decodelab.tracking.mlflow_tracker import PARENT_RUN_ENV
-from decodelab.tracking.wandb_tracker import GROUP_ENV as WANDB_GROUP_ENV
+from decodelab.tracking.sweep_folder import REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
+from decodelab.tracking.run_folder import plain, read_json, write_json
+from decodelab.tracking.mlflow_remote import PARENT_RUN_ENV
+from decodelab.tracking.wandb_remote import GROUP_ENV as WANDB_GROUP_ENV
 
 SWEEP_NAME_ENV = "DECODELAB_SWEEP_NAME"
 # The sweep folder a job belongs to: scopes the AR baseline's timings to the sweep (decodelab/runner.py).
@@ -109,7 +109,7 @@ def leave_sweep() -> None:
 def summarize_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
     """One row per job folder: status FINISHED | FAILED | UNFINISHED | UNREADABLE | REUSED, error, run folder,
     overrides."""
-    from decodelab.sweep_report import UNFINISHED, load_job
+    from decodelab.analysis.report import UNFINISHED, load_job
 
     rows = []
     for folder in job_dirs(sweep_dir):
@@ -146,7 +146,7 @@ def _create_parent_run(config: DictConfig, name: str, sweep_dir: Path) -> Option
         return None
     try:
         from decodelab.config import MlflowConfig
-        from decodelab.tracking.mlflow_tracker import MlflowRemote
+        from decodelab.tracking.mlflow_remote import MlflowRemote
 
         remote = MlflowRemote(MlflowConfig(**OmegaConf.to_container(mlflow_cfg, resolve=True)))
         experiment_id = remote.connect()
@@ -163,7 +163,7 @@ def _create_parent_run(config: DictConfig, name: str, sweep_dir: Path) -> Option
 
 def _absolute_sqlite(uri: str) -> str:
     """A relative sqlite URI made absolute, so sweep.json names the same store from any directory."""
-    from decodelab.tracking.mlflow_tracker import sqlite_file
+    from decodelab.tracking.mlflow_remote import sqlite_file
 
     db = sqlite_file(uri)
     return f"sqlite:///{db.resolve()}" if db is not None else uri
@@ -172,7 +172,7 @@ def _absolute_sqlite(uri: str) -> str:
 def _write_report(sweep_dir: Path) -> Optional[Path]:
     """Markdown/HTML report with plots (decodelab/sweep_report.py); a failing report never fails the sweep."""
     try:
-        from decodelab.sweep_report import write_report
+        from decodelab.analysis.report import write_report
 
         written = write_report(sweep_dir, None)
         return Path(written.get("markdown", sweep_dir / "report")) if isinstance(written, dict) else None

@@ -106,7 +106,7 @@ def git_state(project_root: Optional[Path] = None) -> dict[str, Any]:
     Only a repository whose top level is the package's parent counts, so a non-editable install inside
     some unrelated repository (e.g. a venv inside another project) reports None rather than a wrong commit.
     """
-    root = (project_root or Path(__file__).resolve().parent.parent).resolve()
+    root = (project_root or Path(__file__).resolve().parents[2]).resolve()
     state: dict[str, Any] = {"git_commit": None, "git_dirty": None}
     top = _safe(lambda: _git(["rev-parse", "--show-toplevel"], root))
     if not top or Path(top).resolve() != root:

@@ -27,7 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from decodelab.errors import UserError
-from decodelab.tracking.local import (CONFIG_FILE, FINGERPRINT_FILE, RUN_FILES, SAMPLES_FILE, SUMMARY_FILE,
+from decodelab.tracking.run_folder import (CONFIG_FILE, FINGERPRINT_FILE, RUN_FILES, SAMPLES_FILE, SUMMARY_FILE,
                                       TRACKING_FILE, iter_samples, read_json, write_json)
 
 RESULT_FILE = "reproduce.json"
@@ -75,7 +75,7 @@ class Source:
 def _read_config(folder: Path, label: str) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file() and _is_sweep(folder):
-        from decodelab.sweep_dir import run_dirs
+        from decodelab.tracking.sweep_folder import run_dirs
 
         jobs = ", ".join(str(p) for p in run_dirs(folder)[:3]) or "none finished"
         raise UserError(f"RUN: {label} is a sweep folder; reproduce one of its run folders ({jobs})")
@@ -91,7 +91,7 @@ def _read_config(folder: Path, label: str) -> dict:
 
 
 def _is_sweep(folder: Path) -> bool:
-    from decodelab.sweep_dir import SWEEP_FILE
+    from decodelab.tracking.sweep_folder import SWEEP_FILE
 
     return (folder / SWEEP_FILE).is_file() or (folder / "multirun.yaml").is_file()
 
@@ -109,7 +109,7 @@ def mlflow_source(run_id: str, tracking_uri: str, download_dir: Path) -> Source:
     """Find ``run_id`` in the tracking store and download its run files into ``download_dir``."""
     from mlflow.exceptions import MlflowException
 
-    from decodelab.tracking.mlflow_tracker import RUN_DIR_TAG, existing_store_client
+    from decodelab.tracking.mlflow_remote import RUN_DIR_TAG, existing_store_client
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # four small files
     client = existing_store_client(tracking_uri, "--tracking-uri")
@@ -151,7 +151,7 @@ def reproduction_config(logged: dict, overrides: Sequence[str], output_dir: Path
     ``+key=value`` / ``++key=value`` add one, ``~key`` drops one.
     """
     from decodelab.cli import register_resolvers
-    from decodelab.compose import one_line
+    from decodelab.experiment.compose import one_line
     from decodelab.config import RunConfig, register_configs
     from omegaconf.errors import OmegaConfBaseException
 
@@ -183,7 +183,7 @@ def parse_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, str], list]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from decodelab.cli import GROUPS
-    from decodelab.compose import _check_group_options, one_line
+    from decodelab.experiment.compose import _check_group_options, one_line
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -211,7 +211,7 @@ def parse_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, str], list]:
 
 
 def _group_defaults(group: str, option: str) -> dict:
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
 
     return OmegaConf.to_container(compose([f"{group}={option}"])[group], resolve=True)  # type: ignore[return-value]
 
@@ -225,7 +225,7 @@ def _apply_value(cfg: DictConfig, override: Any) -> None:
             OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
     else:
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            from decodelab.compose import _allowed_keys
+            from decodelab.experiment.compose import _allowed_keys
 
             raise UserError(f"{key}: unknown key; allowed: {', '.join(_allowed_keys(key))} "
                             f"(use +{key}=... to add one)")
@@ -372,9 +372,9 @@ def _open_source(source: str, tracking_uri: str, download_dir: Path) -> Source:
 
 
 def _reproduce(src: Source, output_dir: Path, overrides: List[str], console: Any) -> dict:
-    from decodelab.compose import validate
-    from decodelab.metrics import summarize
-    from decodelab.runner import run
+    from decodelab.experiment.compose import validate
+    from decodelab.experiment.metrics import summarize
+    from decodelab.experiment.runner import run
 
     cfg = reproduction_config(src.config, overrides, output_dir)
     with open_dict(cfg):

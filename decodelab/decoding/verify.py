@@ -22,9 +22,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from decodelab import tree
+from decodelab.decoding import tree
 from decodelab.drafters.base import Draft
-from decodelab.sampling import ChainContext, Context, LogitsPipeline
+from decodelab.decoding.logits import ChainContext, Context, LogitsPipeline
 
 
 @dataclass

@@ -10,9 +10,9 @@ from collections import defaultdict
 from statistics import mean
 from typing import Dict, Iterable, List, Sequence
 
-from decodelab.baseline import bootstrap_speedup
-from decodelab.engine import Generation
-from decodelab.telemetry import acceptance_stats, cost_model, flat_metrics, merge_steps
+from decodelab.experiment.baseline import bootstrap_speedup
+from decodelab.decoding.engine import Generation
+from decodelab.experiment.telemetry import acceptance_stats, cost_model, flat_metrics, merge_steps
 
 HEADLINE = ("throughput_tok_s", "mean_sample_tok_s", "ttft_s", "tpot_s", "new_tokens", "peak_mem_mb")
 

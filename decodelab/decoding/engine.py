@@ -16,11 +16,11 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from decodelab import tree
-from decodelab.adapter import LMAdapter, synchronize
+from decodelab.decoding import tree
+from decodelab.decoding.lm import LMAdapter, synchronize
 from decodelab.drafters.base import Draft, Drafter
-from decodelab.sampling import LogitsPipeline
-from decodelab.verify import Verdict, verify
+from decodelab.decoding.logits import LogitsPipeline
+from decodelab.decoding.verify import Verdict, verify
 
 
 @dataclass

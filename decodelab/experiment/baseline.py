@@ -18,11 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from decodelab.adapter import LMAdapter
+from decodelab.decoding.lm import LMAdapter
 from decodelab.drafters.none import NoDrafter
 from decodelab.config import DrafterConfig
-from decodelab.engine import StopCriteria, decode
-from decodelab.sampling import LogitsPipeline
+from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.logits import LogitsPipeline
 
 
 @dataclass

@@ -31,15 +31,15 @@ commands:
 """
 
 # Commands whose code lives in their own module; each module has ``cli(args: List[str]) -> None``.
-DELEGATED = {"sweep": "decodelab.sweep", "report": "decodelab.sweep_report",
-             "reproduce": "decodelab.reproduce", "simulate": "decodelab.simulate"}
+DELEGATED = {"sweep": "decodelab.sweeps.launch", "report": "decodelab.analysis.report",
+             "reproduce": "decodelab.analysis.reproduce", "simulate": "decodelab.analysis.simulate"}
 
 
 def conf_dir() -> Path:
     """conf/ of the checkout (editable install) or the one packaged beside the code."""
     override = os.environ.get("DECODELAB_CONF_DIR")
     candidates = [Path(override)] if override else []
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]
     candidates += [here.parent / "conf", here / "conf"]
     for candidate in candidates:
         if (candidate / "config.yaml").exists():
@@ -87,7 +87,7 @@ def _fail(message: str) -> None:
 
 
 def _list() -> None:
-    from decodelab.sweep import available
+    from decodelab.sweeps.launch import available
 
     for group in GROUPS:
         print(f"{group}: {', '.join(group_options(group))}")
@@ -95,7 +95,7 @@ def _list() -> None:
 
 
 def _run(args: List[str]) -> None:
-    from decodelab.compose import validate_overrides
+    from decodelab.experiment.compose import validate_overrides
 
     from hydra._internal.utils import get_args_parser
 
@@ -110,7 +110,7 @@ def _hydra_app(args: List[str]) -> None:
     import hydra
 
     from decodelab.config import register_configs
-    from decodelab.sweep_callback import LAST_SWEEP
+    from decodelab.sweeps.callback import LAST_SWEEP
 
     register_configs()
     LAST_SWEEP["dir"] = None
@@ -130,12 +130,12 @@ def run_job(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from decodelab.runner import record_failure, run
+    from decodelab.experiment.runner import record_failure, run
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
-        from decodelab.sweep_callback import adopt_sweep
+        from decodelab.sweeps.callback import adopt_sweep
 
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
         adopt_sweep(sweep_dir)  # parent run and W&B group, also in launcher processes that lack the env
@@ -157,8 +157,8 @@ def run_job(cfg) -> dict:
 
 def _exit_on_failed_jobs() -> None:
     """After a multirun: a non-zero exit when any job failed (their results and errors are on record)."""
-    from decodelab.sweep_callback import LAST_SWEEP, sweep_failures
-    from decodelab.sweep_dir import read_sweep_meta
+    from decodelab.sweeps.callback import LAST_SWEEP, sweep_failures
+    from decodelab.tracking.sweep_folder import read_sweep_meta
 
     sweep_dir = LAST_SWEEP["dir"]
     if sweep_dir is None:
@@ -173,9 +173,9 @@ def _exit_on_failed_jobs() -> None:
 
 
 def _upload(args: List[str]) -> None:
-    from decodelab.compose import compose
+    from decodelab.experiment.compose import compose
     from decodelab.config import LoggerConfig
-    from decodelab.tracking import upload_run
+    from decodelab.tracking.tracker import upload_run
 
     if not args:
         raise UserError("upload needs RUN_DIR, e.g. decodelab upload runs/2026-01-01_12-00-00_ab12cd logger=mlflow")

@@ -1,11 +1,11 @@
 """``decodelab simulate RUN_DIR``: the acceptance of model-free drafters over a grid, from a finished greedy run.
 
 Greedy decoding is deterministic: a greedy run's recorded outputs are exactly what its target chooses
-after each prefix it decoded, whatever drafted. So the real engine loop (:func:`decodelab.engine.decode`),
+after each prefix it decoded, whatever drafted. So the real engine loop (:func:`decodelab.decoding.engine.decode`),
 the real verifier and the real drafter classes can be replayed against a stand-in target
 (:class:`ReplayTarget`) whose logits are one-hot on the recorded token, without running the model. The
 drafter object persists across prompts and turns, which are replayed in record order, as in
-:class:`decodelab.runner.PromptRunner` (the suffix drafter learns from earlier outputs).
+:class:`decodelab.experiment.runner.PromptRunner` (the suffix drafter learns from earlier outputs).
 
 Exact for ``prompt_lookup`` and ``suffix`` (deterministic functions of the token sequence) with one limit:
 past the end of a recorded output the target's choice is unknown. A draft that matches the output up to
@@ -35,14 +35,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from decodelab import tree
+from decodelab.decoding import tree
 from decodelab.config import DrafterConfig, StrategyConfig
-from decodelab.drafters import REGISTRY, build_drafter, drafter_config
+from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
 from decodelab.drafters.base import Draft, Drafter
-from decodelab.engine import StopCriteria, decode
+from decodelab.decoding.engine import StopCriteria, decode
 from decodelab.errors import UserError
-from decodelab.sampling import LogitsPipeline
-from decodelab.telemetry import acceptance_stats
+from decodelab.decoding.logits import LogitsPipeline
+from decodelab.experiment.telemetry import acceptance_stats
 
 MODEL_FREE = ("prompt_lookup", "suffix", "token_recycling")
 # Replayed exactly (see the module docstring); token_recycling is approximate.
@@ -77,7 +77,7 @@ class DenseIds:
 
 
 class ReplayTarget:
-    """Stands in for :class:`decodelab.adapter.LMAdapter` inside ``engine.decode`` for one recorded output.
+    """Stands in for :class:`decodelab.decoding.lm.LMAdapter` inside ``engine.decode`` for one recorded output.
 
     Cache bookkeeping is the adapter's (``tokens``, ``crop``, ``keep``); a forward over the root and a
     draft returns one-hot logits: the row after a prefix of the recorded output is hot on the output's next
@@ -205,7 +205,7 @@ def simulate(records: Sequence[dict], drafter_cfg: Any, max_new_tokens: Optional
     """Replay ``records`` (samples.jsonl of a greedy run, in order) with one drafter config.
 
     ``max_new_tokens``: the run's token budget (default: the longest recorded output). Returns the
-    telemetry of :func:`decodelab.telemetry.acceptance_stats` over all steps, plus ``drafter``,
+    telemetry of :func:`decodelab.experiment.telemetry.acceptance_stats` over all steps, plus ``drafter``,
     ``config``, ``unresolved_steps``, ``exact``, per-category alpha/tau (``by_category``) and each
     sample's steps ``[drafted, accepted, bonus, draft_s, 0.0, depth]`` (``samples``).
     """
@@ -295,7 +295,7 @@ def load_run(run_dir: str) -> RecordedRun:
 
 
 def _sweep_hint(path: Path) -> str:
-    from decodelab.sweep_dir import run_dirs
+    from decodelab.tracking.sweep_folder import run_dirs
 
     try:
         runs = run_dirs(path) if path.is_dir() else []

@@ -88,7 +88,7 @@ def _load_model(cfg: ModelConfig, backend: BackendConfig) -> LoadedModel:
 
 
 def _gguf_path(cfg: ModelConfig) -> Path:
-    from decodelab import model_files
+    from decodelab.models import gguf as model_files
 
     if cfg.source == "gguf_package":
         return model_files.locate_gguf(cfg.package, cfg.gguf_file)
@@ -225,7 +225,7 @@ def build_tiny_random(cfg: ModelConfig):
 
 def check_model_available(cfg: ModelConfig) -> None:
     """Fail early, with the install command, when the weights' package or file is absent (cheap: no loading)."""
-    from decodelab import model_files
+    from decodelab.models import gguf as model_files
 
     if cfg.source == "gguf_package":
         model_files.locate_gguf(cfg.package, cfg.gguf_file)

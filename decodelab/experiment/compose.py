@@ -40,10 +40,10 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
 def validate(cfg: DictConfig) -> None:
     """Types, ranges and availability of everything a run needs, without loading a model."""
     from decodelab.config import RunConfig
-    from decodelab.models import check_model_available, resolve_device
+    from decodelab.models.loading import check_model_available, resolve_device
     from decodelab.tasks import load_task
 
-    from decodelab.drafters import drafter_config
+    from decodelab.drafters.registry import drafter_config
 
     parts = {}
     for group in VALIDATED_GROUPS:

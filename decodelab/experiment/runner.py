@@ -12,15 +12,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from decodelab.adapter import LMAdapter
-from decodelab.baseline import ARReference, Reference, divergence
+from decodelab.decoding.lm import LMAdapter
+from decodelab.experiment.baseline import ARReference, Reference, divergence
 from decodelab.config import BackendConfig, RunConfig, to_run_config
-from decodelab.drafters import build_drafter
-from decodelab.engine import Generation, StopCriteria, decode
-from decodelab.metrics import list_metrics, sample_timing, summarize
-from decodelab.plots import acceptance_plots
-from decodelab.models import LoadedModel, load_model, resolve_device
-from decodelab.sampling import LogitsPipeline
+from decodelab.drafters.registry import build_drafter
+from decodelab.decoding.engine import Generation, StopCriteria, decode
+from decodelab.experiment.metrics import list_metrics, sample_timing, summarize
+from decodelab.experiment.plots import acceptance_plots
+from decodelab.models.loading import LoadedModel, load_model, resolve_device
+from decodelab.decoding.logits import LogitsPipeline
 from decodelab.tasks import load_task
 from decodelab.tasks.base import Prompt
 
@@ -60,7 +60,7 @@ class PromptRunner:
         import os
         from dataclasses import asdict
 
-        from decodelab.sweep_callback import SWEEP_DIR_ENV
+        from decodelab.sweeps.callback import SWEEP_DIR_ENV
 
         run = self.run
         key = {"model": self.loaded.fingerprint, "backend": asdict(run.backend), "strategy": asdict(run.strategy),
@@ -89,7 +89,7 @@ class PromptRunner:
         return generator
 
     def run_prompt(self, index: int, prompt: Prompt) -> dict:
-        from decodelab.quality import score
+        from decodelab.experiment.quality import score
 
         _reset_peak_memory(self.target.device)
         messages: List[dict] = []
@@ -144,7 +144,7 @@ def chat_template_ids(tokenizer: PreTrainedTokenizerBase, messages: List[dict]) 
 
 
 def _cpu_model() -> str:
-    from decodelab.fingerprint import cpu_model
+    from decodelab.experiment.fingerprint import cpu_model
 
     return cpu_model() or "unknown"
 
@@ -182,10 +182,10 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
     """Run one composition; returns the summary (with ``status``). Raises UserError on bad input before
     anything is recorded. With ``resume``, a config that already finished is not run again (its summary is
     returned) and an unfinished one continues from the samples it recorded."""
-    from decodelab.fingerprint import environment_fingerprint
-    from decodelab.report import print_summary
-    from decodelab.resume import config_hash, find_previous
-    from decodelab.tracking import Tracker
+    from decodelab.experiment.fingerprint import environment_fingerprint
+    from decodelab.cli.table import print_summary
+    from decodelab.experiment.resume import config_hash, find_previous
+    from decodelab.tracking.tracker import Tracker
 
     if output_dir is not None:
         cfg = OmegaConf.merge(cfg, {"output_dir": output_dir})
@@ -231,8 +231,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
 
 def _reuse(previous, run_dir: Path, digest: str) -> Dict[str, float]:
     """This config already finished: point this run folder at that run instead of decoding again."""
-    from decodelab.sweep_dir import REUSED_FILE
-    from decodelab.tracking.local import write_json
+    from decodelab.tracking.sweep_folder import REUSED_FILE
+    from decodelab.tracking.run_folder import write_json
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / REUSED_FILE, {"run_dir": str(previous.run_dir), "config_hash": digest})
@@ -245,7 +245,7 @@ def record_failure(cfg: DictConfig, output_dir: str, error: str) -> None:
     """A job that failed before its run started (bad combination, model load): a FAILED run folder and
     remote run, so a sweep's summary and MLflow show it with its error."""
     from decodelab.config import LoggerConfig
-    from decodelab.tracking import Tracker
+    from decodelab.tracking.tracker import Tracker
 
     try:
         logger: Optional[LoggerConfig] = OmegaConf.to_object(cfg.logger)  # type: ignore[assignment]

@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from decodelab import tree
+from decodelab.decoding import tree
 
 # Attention implementations whose custom 4-D additive mask path is tested (flash_attention_2 takes no mask;
 # flex_attention would want a BlockMask).

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import List
 
 from decodelab.errors import UserError
-from decodelab.sweep_callback import SWEEP_NAME_ENV
+from decodelab.sweeps.callback import SWEEP_NAME_ENV
 
 
 def sweeps_dir() -> Path:
     """sweeps/ of the checkout, or DECODELAB_SWEEPS_DIR."""
     override = os.environ.get("DECODELAB_SWEEPS_DIR")
-    folder = Path(override) if override else Path(__file__).resolve().parent.parent / "sweeps"
+    folder = Path(override) if override else Path(__file__).resolve().parents[2] / "sweeps"
     if not folder.is_dir():
         raise UserError(f"sweeps folder not found at {folder}; set DECODELAB_SWEEPS_DIR")
     return folder

@@ -1,0 +1,1 @@
+"""The decoding core: torch and transformers only, nothing of the experiment around it."""

@@ -1,0 +1,83 @@
+"""Drafters (proposers): who proposes tokens. Adding one means one module here and one conf/drafter YAML:
+the module defines a Drafter subclass with a ``name`` and its config schema as ``config_class``; the
+registry finds it by importing every module of this package."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Dict, Type
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import decodelab.drafters as drafters_package
+from decodelab.config import DrafterConfig
+from decodelab.drafters.base import Draft, Drafter
+from decodelab.errors import ConfigError, UserError
+
+
+
+def _discover() -> Dict[str, Type[Drafter]]:
+    found: Dict[str, Type[Drafter]] = {}
+    for module_info in pkgutil.iter_modules(drafters_package.__path__):
+        module = importlib.import_module(f"{drafters_package.__name__}.{module_info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Drafter) and value.__module__ == module.__name__ \
+                    and getattr(value, "name", None):
+                found[value.name] = value
+    return dict(sorted(found.items()))
+
+
+REGISTRY: Dict[str, Type[Drafter]] = _discover()
+
+
+def drafter_config(node: Any) -> DrafterConfig:
+    """Type an untyped drafter node by its name: unknown keys and wrong types fail here, in one line."""
+    if isinstance(node, DrafterConfig):
+        return node
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
+    name = node.get("name", None)
+    if name not in REGISTRY:
+        raise ConfigError("drafter.name", f"unknown drafter {name!r}, available: {', '.join(REGISTRY)}")
+    schema = REGISTRY[name].config_class
+    _check_keys(node, schema, "drafter", name)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        typed: DrafterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        from decodelab.experiment.compose import one_line
+
+        raise UserError("drafter." + one_line(err)) from None
+    return typed
+
+
+def _check_keys(node: Any, schema: type, prefix: str, name: str) -> None:
+    """Unknown keys, at any depth of nested dataclass fields, named with what is allowed there."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key for drafter={name}; allowed: {', '.join(fields)}")
+        nested = fields[key].type
+        nested = nested if isinstance(nested, type) else _resolve(schema, key)
+        value = node[key]
+        if dataclasses.is_dataclass(nested):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{prefix}.{key}", f"expected a {nested.__name__} block, got {value!r}"
+                                  + ("; pick a model with model@drafter.model=<option> (decodelab list)"
+                                     if key == "model" else ""))
+            _check_keys(value, nested, f"{prefix}.{key}", name)
+
+
+def _resolve(schema: type, key: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(schema).get(key)
+
+
+def build_drafter(cfg: DrafterConfig, **parts) -> Drafter:
+    return REGISTRY[cfg.name](cfg, **parts)
+
+
+__all__ = ["Draft", "Drafter", "build_drafter", "drafter_config", "REGISTRY"]

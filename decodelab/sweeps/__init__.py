@@ -1,0 +1,1 @@
+"""Many runs: named sweep files and the Hydra callback that records a multirun."""

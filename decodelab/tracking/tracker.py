@@ -1,0 +1,186 @@
+"""Where results go: the local run folder always, MLflow and W&B when enabled.
+
+The local folder is the source of truth (see ``local.py``). Remotes are best effort: any exception from
+one disables it for the rest of the run, is recorded in ``remote_failures`` and printed once, and the run
+goes on; ``decodelab upload <run_dir>`` replays the folder to the remotes later.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Protocol
+
+import yaml
+
+from decodelab.config import LoggerConfig
+from decodelab.errors import UserError
+from decodelab.tracking.run_folder import (CONFIG_FILE, FINGERPRINT_FILE, RUN_FILES, SUMMARY_FILE, TRACKING_FILE,
+                                      LocalRun, iter_samples, read_json)
+
+__all__ = ["Tracker", "upload_run", "build_remotes"]
+
+_MAX_ERROR_CHARS = 300
+
+
+class Remote(Protocol):
+    """What a remote tracker implements; every method may raise, the fan-out contains it."""
+
+    name: str
+
+    def start(self, run_name: str, tags: dict[str, str], resolved_config: dict, fingerprint: dict,
+              run_dir: Path) -> None: ...
+
+    def log_sample(self, record: dict) -> None: ...
+
+    def finish(self, summary: dict, status: str, error: Optional[str], files: list[Path],
+               samples: list[dict]) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def build_remotes(logger_cfg: Optional[LoggerConfig]) -> list[Remote]:
+    """The enabled remotes; imports nothing heavy (mlflow/wandb load only when a run starts)."""
+    remotes: list[Remote] = []
+    if logger_cfg is None:
+        return remotes
+    if logger_cfg.mlflow is not None:
+        from decodelab.tracking.mlflow_remote import MlflowRemote
+
+        remotes.append(MlflowRemote(logger_cfg.mlflow))
+    if logger_cfg.wandb is not None and logger_cfg.wandb.mode != "disabled":
+        from decodelab.tracking.wandb_remote import WandbRemote
+
+        remotes.append(WandbRemote(logger_cfg.wandb))
+    return remotes
+
+
+def _describe_error(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text[:_MAX_ERROR_CHARS]
+
+
+class _Fanout:
+    """Calls every live remote; the first exception from a remote disables it (one warning, no raise)."""
+
+    def __init__(self, remotes: list[Remote]):
+        self.remotes = list(remotes)
+        self.live = list(remotes)
+        self.failures: list[str] = []
+
+    def call(self, method: str, *args: Any) -> None:
+        for remote in list(self.live):
+            try:
+                getattr(remote, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - a remote must never fail the run
+                self._disable(remote, method, exc)
+
+    def _disable(self, remote: Remote, method: str, exc: Exception) -> None:
+        self.live.remove(remote)
+        message = f"{remote.name}: {_describe_error(exc)}"
+        self.failures.append(message)
+        print(f"decodelab: warning: {message} (during {method}; {remote.name} disabled for this run, "
+              "local files are kept)", file=sys.stderr, flush=True)
+        if method != "finish":
+            self._abandon(remote)
+
+    @staticmethod
+    def _abandon(remote: Remote) -> None:
+        """Best effort to close a half-open remote run (an open W&B run would block process exit)."""
+        try:
+            remote.finish({}, "FAILED", "remote logging failed; see decodelab upload", [], [])
+        except Exception:  # noqa: BLE001
+            pass
+
+    def describe(self) -> dict[str, Any]:
+        out = {}
+        for remote in self.remotes:
+            try:
+                out[remote.name] = remote.describe()
+            except Exception:  # noqa: BLE001
+                out[remote.name] = {}
+        return out
+
+
+class Tracker:
+    """Fans out to the local run folder (always; the source of truth) and the enabled remotes."""
+
+    def __init__(self, run_dir: str | Path, logger_cfg: LoggerConfig, run_name: str,
+                 tags: dict[str, str] | None = None):
+        self.local = LocalRun(run_dir)
+        self.run_dir = self.local.run_dir
+        self.run_name = run_name
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self._fanout = _Fanout(build_remotes(logger_cfg))
+        self.remote_failures: list[str] = self._fanout.failures
+
+    def start(self, resolved_config: dict, fingerprint: dict) -> None:
+        """Write config.yaml and fingerprint.json, then open the remote runs."""
+        self.local.write_start(resolved_config, fingerprint)
+        self._fanout.call("start", self.run_name, self.tags, resolved_config, fingerprint, self.run_dir)
+        self._write_tracking([])
+
+    def log_sample(self, record: dict) -> None:
+        """Append one durable line to samples.jsonl; remotes get at most step metrics."""
+        self.local.append_sample(record)
+        self._fanout.call("log_sample", record)
+
+    def finish(self, summary: dict, status: str = "FINISHED", error: str | None = None,
+               artifacts: Iterable[Path] = ()) -> None:
+        """Write summary.json, send summary, files and status to the remotes, and close them."""
+        extra = [Path(a).expanduser().resolve() for a in artifacts]
+        self.local.write_summary(summary, status, error)
+        self._write_tracking(extra)
+        if self._fanout.live:
+            files = [self.run_dir / name for name in RUN_FILES] + extra
+            self._fanout.call("finish", summary, status, error, files, list(iter_samples(self.run_dir)))
+        self._write_tracking(extra)
+        if self.remote_failures:
+            print(f"decodelab: warning: remote logging incomplete; the run is complete in {self.run_dir}. "
+                  f"Upload it later with: decodelab upload {self.run_dir}", file=sys.stderr, flush=True)
+
+    def _write_tracking(self, artifacts: list[Path]) -> None:
+        """What upload_run needs beyond the run files: name, tags, extra artifacts; plus remote ids."""
+        self.local.write_tracking({"run_name": self.run_name, "tags": self.tags,
+                                   "artifacts": [str(a) for a in artifacts],
+                                   "remotes": self._fanout.describe(),
+                                   "remote_failures": self.remote_failures})
+
+
+def _read_run(run_dir: Path) -> tuple[dict, dict, dict, dict]:
+    """config, fingerprint, summary and tracking info of a run folder (missing optional files -> {})."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir}: not a decodelab run folder (no {CONFIG_FILE})")
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    fingerprint = read_json(run_dir / FINGERPRINT_FILE) if (run_dir / FINGERPRINT_FILE).is_file() else {}
+    info = read_json(run_dir / TRACKING_FILE) if (run_dir / TRACKING_FILE).is_file() else {}
+    if (run_dir / SUMMARY_FILE).is_file():
+        summary = read_json(run_dir / SUMMARY_FILE)
+    else:
+        summary = {"status": "FAILED", "error": "no summary.json: the run did not finish"}
+    return config, fingerprint, summary, info
+
+
+def upload_run(run_dir: str | Path, logger_cfg: LoggerConfig) -> list[str]:
+    """Re-log a local run folder to the enabled remotes; returns the failures (empty on success).
+
+    Each upload creates new remote runs (tagged ``decodelab.uploaded``), so a run whose live logging
+    failed half-way can be replayed in full.
+    """
+    local = LocalRun(run_dir)
+    config, fingerprint, summary, info = _read_run(local.run_dir)
+    remotes = build_remotes(logger_cfg)
+    if not remotes:
+        raise UserError("logger: no remote enabled to upload to (use logger=mlflow, logger=wandb, ...)")
+    status = str(summary.pop("status", "FINISHED"))
+    error = summary.pop("error", None)
+    run_name = info.get("run_name") or local.run_dir.name
+    tags = {**info.get("tags", {}), "decodelab.uploaded": "true"}
+    extra = [Path(a) for a in info.get("artifacts", []) if Path(a).exists()]
+    fanout = _Fanout(remotes)
+    fanout.call("start", run_name, tags, config, fingerprint, local.run_dir)
+    samples = list(iter_samples(local.run_dir))
+    files = [local.run_dir / name for name in RUN_FILES] + extra
+    fanout.call("finish", summary, status, error, files, samples)
+    return fanout.failures
