@@ -18,9 +18,11 @@ import torch
 
 from decodelab.decoding.lm import LMAdapter
 from decodelab.experiment.compose import compose
-from decodelab.config import DrafterConfig, StrategyConfig, to_run_config
+from decodelab.config import DrafterConfig, StrategyConfig
+from decodelab.experiment.compose import to_run_config
 from decodelab.drafters.none import NoDrafter
-from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.engine import decode
+from decodelab.decoding.stop import StopCriteria
 from decodelab.experiment.fingerprint import environment_fingerprint
 from decodelab.models.loading import load_model
 from decodelab.experiment.runner import PromptRunner, eos_ids, setup_backend

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from decodelab.experiment.compose import compose
-from decodelab.config import DrafterConfig, to_run_config
+from decodelab.config import DrafterConfig
+from decodelab.experiment.compose import to_run_config
 from decodelab.drafters.none import NoDrafter
 from decodelab.decoding.engine import decode
 from decodelab.experiment.fingerprint import environment_fingerprint

@@ -21,7 +21,7 @@ import torch
 
 from decodelab.decoding.lm import LMAdapter
 from decodelab.experiment.compose import compose
-from decodelab.config import to_run_config
+from decodelab.experiment.compose import to_run_config
 from decodelab.experiment.fingerprint import environment_fingerprint
 from decodelab.models.loading import load_model
 from decodelab.experiment.runner import setup_backend

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from decodelab.errors import ConfigError, UserError, check
 
@@ -20,7 +19,6 @@ DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 KERNEL_PROVIDERS = ("torch", "triton")
-TASK_SOURCES = ("specbench_mini", "mtbench", "humaneval", "jsonl")
 ACCEPTANCE_RULES = ("lossless", "typical")
 WANDB_MODES = ("offline", "online", "auto", "disabled")
 
@@ -154,9 +152,7 @@ class DrafterConfig:
 
     def set_draft_length(self, length: int) -> None:
         """Apply the run-level ``draft_length`` to this drafter's own field; drafters without one refuse."""
-        raise ConfigError("draft_length", f"drafter={self.name} has no draft length to set; "
-                                          "allowed with: prompt_lookup, suffix, token_recycling, lookahead, "
-                                          "draft_model, layer_skip")
+        raise ConfigError("draft_length", f"drafter={self.name} has no draft length to set")
 
 
 @dataclass
@@ -174,19 +170,20 @@ class TaskConfig:
     max_turns: Optional[int] = None
 
     def validate(self, key: str = "task") -> None:
-        _one_of(f"{key}.source", self.source, TASK_SOURCES)
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None:
             check(self.limit >= 1, f"{key}.limit", f"must be >= 1 or null, got {self.limit}")
         if self.max_turns is not None:
             check(self.max_turns >= 1, f"{key}.max_turns", f"must be >= 1 or null, got {self.max_turns}")
-        if self.source == "jsonl":
-            check(bool(self.path), f"{key}.path", "task=jsonl needs task.path=<file in Spec-Bench question.jsonl format>")
+
+
+# MLflow's store when none is configured; report and reproduce look up run ids there too.
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = "sqlite:///mlruns.db"
+    tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "decodelab"
 
 
@@ -247,31 +244,4 @@ class RunConfig:
             getattr(self, part).validate(part)
         _one_of("baseline", self.baseline, ("cached", "fresh", "none"))
 
-    def apply_draft_length(self) -> None:
-        if self.draft_length is not None:
-            check(self.draft_length >= 1, "draft_length", f"must be >= 1 or null, got {self.draft_length}")
-            self.drafter.set_draft_length(self.draft_length)
 
-
-def register_configs() -> None:
-    """Register the schemas so that conf/config.yaml can name them in its defaults list."""
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Resolve, type and validate a composed config; raises UserError on bad values."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from decodelab.experiment.compose import one_line
-
-    try:
-        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise UserError(one_line(err)) from None
-    from decodelab.drafters.registry import drafter_config
-
-    run.drafter = drafter_config(run.drafter)
-    run.apply_draft_length()
-    run.validate()
-    return run

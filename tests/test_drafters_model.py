@@ -12,7 +12,8 @@ from decodelab.decoding.lm import LMAdapter
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
 from decodelab.drafters.registry import build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
-from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.engine import decode
+from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import ConfigError, UserError
 from decodelab.models.loading import LoadedModel, load_model
 from decodelab.experiment.runner import chat_template_ids, eos_ids
@@ -168,7 +169,7 @@ def test_draft_logits_are_fitted_to_the_target_vocab(target):
 
 def test_composed_config_builds_the_draft_model():
     from decodelab.experiment.compose import compose
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
 
     run = to_run_config(compose(["model=tiny-random", "drafter=draft_model", "model@drafter.model=tiny-random",
                                  "drafter.model.init_seed=7", "drafter.length.policy=heuristic", "logger=none",
@@ -375,7 +376,7 @@ def test_smollm2_layer_skip_half_is_lossless(smollm2_loaded):
 @pytest.mark.slow
 def test_smollm2_drafting_for_itself_is_lossless(smollm2_loaded):
     from decodelab.experiment.compose import compose
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
 
     run = to_run_config(compose(["drafter=draft_model", "logger=none", "output_dir=unused"]))
     assert run.drafter.model.name == "smollm2-135m"  # the default draft model: loaded again, from its config
@@ -416,7 +417,7 @@ def test_qwen_coder_pair_is_lossless():
     import gc
 
     from decodelab.experiment.compose import compose
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
 
     run = to_run_config(compose(["model=qwen2.5-coder-1.5b", "drafter=draft_model",
                                  "model@drafter.model=qwen2.5-coder-0.5b", "logger=none", "output_dir=unused"]))

@@ -15,7 +15,8 @@ from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
 from decodelab.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie
-from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.engine import decode
+from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
 from decodelab.experiment.runner import chat_template_ids, eos_ids
 from decodelab.decoding.logits import LogitsPipeline

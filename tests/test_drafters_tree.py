@@ -2,15 +2,12 @@
 references, learning from target logits, and lossless decoding through the engine on the tiny model
 (greedy identical to plain decoding, seeded sampling reproducible) and SmolLM2 (slow).
 
-Both drafters learn from the logits of the verification forward through ``observe(tokens, logits)``.
-Until the engine calls it, :func:`observed` feeds it by wrapping the engine's ``verify`` (which sees the
-same logits); once the engine does, the wrapper stands aside.
+Both drafters learn from the logits of the verification forward, which the engine hands them through
+``observe(tokens, logits)``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections import Counter
 from typing import List, Optional, Sequence
 
@@ -18,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-import decodelab.decoding.engine as engine
 from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import DrafterConfig, StrategyConfig
@@ -27,31 +23,13 @@ from decodelab.drafters.lookahead import LookaheadConfig, LookaheadDrafter, Ngra
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.token_recycling import (EMPTY, TokenRecyclingConfig, TokenRecyclingDrafter, rank_prior,
                                                 tree_template)
-from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.engine import decode
+from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
 from decodelab.experiment.runner import chat_template_ids, eos_ids
 from decodelab.decoding.logits import LogitsPipeline
 
-ENGINE_OBSERVES = "observe" in inspect.getsource(engine)
 
-
-@contextlib.contextmanager
-def observed(drafter):
-    """Make the engine hand the verification logits to ``drafter.observe`` (a no-op if it already does)."""
-    if ENGINE_OBSERVES:
-        yield
-        return
-    original = engine.verify
-
-    def verify(draft, logits, pipeline, generator, context):
-        drafter.observe([context[-1]] + list(draft.tokens), logits)
-        return original(draft, logits, pipeline, generator, context)
-
-    engine.verify = verify
-    try:
-        yield
-    finally:
-        engine.verify = original
 
 
 def one_hot_logits(next_tokens: Sequence[int], vocab: int) -> torch.Tensor:
@@ -333,24 +311,20 @@ def test_tiny_greedy_identical_to_ar(tiny_loaded, name, extra, feed):
     target = LMAdapter(tiny_loaded.model)
     drafter = _build(name, extra, tiny_loaded, target)
     accepted = 0
-    with observed(drafter) if feed else contextlib.nullcontext():
-        for text in TINY_PROMPTS:  # one drafter for all prompts (token_recycling's matrix carries over)
-            ids = _encode(tiny_loaded.tokenizer, text)
-            reference = _decode(tiny_loaded, target, ids, NoDrafter(DrafterConfig()), 40)
-            ours = _decode(tiny_loaded, target, ids, drafter, 40)
-            assert ours.tokens == reference.tokens, text
-            assert ours.stop_reason == reference.stop_reason
-            assert sum(s.accepted + s.bonus for s in ours.steps) + 1 >= len(ours.tokens)
-            # Lookahead's own lookahead forwards are target forwards too, and reported as draft forwards.
-            assert ours.target_forwards == len(ours.steps) + 1 + ours.draft_forwards
-            if feed or ENGINE_OBSERVES or name != "lookahead":
-                assert ours.draft_forwards == 0
-            else:  # one per step once it found out that no logits come back (after the first step of the run)
-                assert ours.draft_forwards >= len(ours.steps) - 1
-            accepted += sum(s.accepted for s in ours.steps)
+    for text in TINY_PROMPTS:  # one drafter for all prompts (token_recycling's matrix carries over)
+        ids = _encode(tiny_loaded.tokenizer, text)
+        reference = _decode(tiny_loaded, target, ids, NoDrafter(DrafterConfig()), 40)
+        ours = _decode(tiny_loaded, target, ids, drafter, 40)
+        assert ours.tokens == reference.tokens, text
+        assert ours.stop_reason == reference.stop_reason
+        assert sum(s.accepted + s.bonus for s in ours.steps) + 1 >= len(ours.tokens)
+        # Lookahead's own lookahead forwards are target forwards too, and reported as draft forwards.
+        assert ours.target_forwards == len(ours.steps) + 1 + ours.draft_forwards
+        assert ours.draft_forwards == 0  # lookahead's window is fused into the verification forward
+        accepted += sum(s.accepted for s in ours.steps)
     assert accepted > 0
     if name == "lookahead":
-        assert drafter.fused == (feed or ENGINE_OBSERVES)
+        assert drafter.fused
 
 
 @pytest.mark.parametrize("name,extra,feed", TREE_DRAFTERS[:3])
@@ -358,8 +332,7 @@ def test_tiny_accepts_on_repetitive_prompt(tiny_loaded, name, extra, feed):
     target = LMAdapter(tiny_loaded.model)
     drafter = _build(name, extra, tiny_loaded, target)
     ids = _encode(tiny_loaded.tokenizer, TINY_PROMPTS[0])
-    with observed(drafter) if feed else contextlib.nullcontext():
-        gen = _decode(tiny_loaded, target, ids, drafter, 48)
+    gen = _decode(tiny_loaded, target, ids, drafter, 48)
     assert any(s.accepted > 0 for s in gen.steps)
     assert len(gen.steps) < len(gen.tokens) - 1  # fewer verification steps than plain decoding
 
@@ -373,9 +346,8 @@ def test_tiny_sampling_reproducible(tiny_loaded, name, extra, feed):
     for _ in range(2):
         target = LMAdapter(tiny_loaded.model)
         drafter = _build(name, extra, tiny_loaded, target)
-        with observed(drafter) if feed else contextlib.nullcontext():
-            runs = [_decode(tiny_loaded, target, _encode(tiny_loaded.tokenizer, text), drafter, 32, strategy, seed)
-                    for seed, text in enumerate(TINY_PROMPTS)]
+        runs = [_decode(tiny_loaded, target, _encode(tiny_loaded.tokenizer, text), drafter, 32, strategy, seed)
+                for seed, text in enumerate(TINY_PROMPTS)]
         outputs.append([(g.tokens, [(s.drafted, s.accepted) for s in g.steps]) for g in runs])
     assert outputs[0] == outputs[1]
     assert sum(s[0] for tokens, steps in outputs[0] for s in steps) > 0
@@ -399,13 +371,12 @@ def test_smollm2_summarization_identical_to_ar(smollm2_loaded, capsys):
     for name, extra, feed in TREE_DRAFTERS[:3]:
         drafter = _build(name, extra, smollm2_loaded, target)
         steps, forwards, wall = [], 0, 0.0
-        with observed(drafter) if feed else contextlib.nullcontext():
-            for x, ref in zip(ids, reference):
-                gen = _decode(smollm2_loaded, target, x, drafter, 48)
-                assert gen.tokens == ref.tokens, name
-                steps += gen.steps
-                forwards += gen.target_forwards
-                wall += gen.wall_s
+        for x, ref in zip(ids, reference):
+            gen = _decode(smollm2_loaded, target, x, drafter, 48)
+            assert gen.tokens == ref.tokens, name
+            steps += gen.steps
+            forwards += gen.target_forwards
+            wall += gen.wall_s
         tau = sum(s.accepted + s.bonus for s in steps) / len(steps)
         drafted = sum(s.drafted for s in steps) / len(steps)
         mode = " (own lookahead forwards)" if name == "lookahead" and not drafter.fused else ""

@@ -8,9 +8,11 @@ import torch
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import StrategyConfig
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.drafters.none import NoDrafter
-from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.engine import decode
+from decodelab.decoding.stop import StopCriteria
 from decodelab.experiment.runner import chat_template_ids, eos_ids
 from decodelab.decoding.logits import LogitsPipeline
 

@@ -159,7 +159,7 @@ def test_module_name_from_metadata():
 @pytest.mark.parametrize("name", ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "gemma3-270m"])
 def test_model_configs_compose(name):
     compose = pytest.importorskip("decodelab.experiment.compose")
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
 
     run = to_run_config(compose.compose([f"model={name}", "logger=none", "output_dir=unused"]))
     assert run.model.name == name and run.model.source == "gguf_parts"

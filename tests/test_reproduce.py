@@ -13,8 +13,8 @@ from rich.console import Console
 
 from decodelab.experiment.compose import compose
 from decodelab.errors import UserError
-from decodelab.analysis.reproduce import (RESULT_FILE, Source, cli, default_output_dir, environment_changes,
-                                 first_difference, parse_args, reproduce)
+from decodelab.analysis.reproduce import (RESULT_FILE, Source, default_output_dir, environment_changes, first_difference, reproduce)
+from decodelab.cli.reproduce import cli, parse_args
 from decodelab.experiment.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

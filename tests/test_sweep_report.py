@@ -15,8 +15,8 @@ import pytest
 
 from decodelab.errors import UserError
 from decodelab.experiment.plots import pareto_front
-from decodelab.analysis.report import MISSING, cli, load_job, varied_keys, write_report, _acceptance
-
+from decodelab.analysis.report import (MISSING, load_job, varied_keys, write_report, _acceptance)
+from decodelab.cli.report import cli
 pytestmark = pytest.mark.usefixtures("one_thread")
 DECODELAB = Path(sys.executable).with_name("decodelab")
 DRAFTERS = ("none", "prompt_lookup", "suffix")

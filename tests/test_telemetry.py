@@ -8,12 +8,14 @@ from typing import Sequence
 
 import pytest
 
-from decodelab.experiment.baseline import bootstrap_speedup, divergence
+from decodelab.experiment.baseline import divergence
+from decodelab.experiment.stats import bootstrap_speedup
 from decodelab.decoding.lm import LMAdapter
 from decodelab.experiment.compose import compose
 from decodelab.config import DrafterConfig
 from decodelab.drafters.registry import REGISTRY
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.experiment.runner import run
 from decodelab.experiment.telemetry import acceptance_stats, cost_model, expected_tokens_per_step, predicted_speedup
 

@@ -9,7 +9,7 @@ import torch
 from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import StrategyConfig
-from decodelab.drafters.base import Draft
+from decodelab.decoding.types import Draft
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.decoding.verify import verify
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_qwen2():
     from decodelab.experiment.compose import compose
-    from decodelab.config import to_run_config
+    from decodelab.experiment.compose import to_run_config
     from decodelab.models.loading import load_model
 
     run = to_run_config(compose(["model=tiny-random", "model.architecture=qwen2", "logger=none", "output_dir=unused"]))

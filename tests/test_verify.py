@@ -17,10 +17,10 @@ import torch
 
 import decodelab.decoding.verify as verify_module
 from decodelab.config import StrategyConfig
-from decodelab.drafters.base import Draft
+from decodelab.decoding.types import Draft
 from decodelab.decoding.logits import LogitsPipeline
-from decodelab.decoding.verify import (Verdict, residual, speculative_sampling, tree_speculative_sampling, typical_threshold,
-                              verify)
+from decodelab.decoding.types import Verdict
+from decodelab.decoding.verify import residual, speculative_sampling, tree_speculative_sampling, typical_threshold, verify
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

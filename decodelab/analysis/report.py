@@ -25,30 +25,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from decodelab.experiment import plots
+from decodelab.drafters.registry import REGISTRY
+from decodelab.config import DEFAULT_TRACKING_URI
 from decodelab.errors import UserError
 from decodelab.tracking.sweep_folder import read_sweep_meta, run_dirs
 from decodelab.experiment.telemetry import acceptance_stats, merge_steps
 from decodelab.tracking.run_folder import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, iter_samples, read_json, write_json
 from decodelab.tracking.mlflow_remote import RUN_DIR_TAG, flatten
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 REPORT_FOLDER = "report"
 MISSING = "—"
 FINISHED = "FINISHED"
 UNFINISHED = "UNFINISHED"
 QUALITY_KEYS = ("rouge_l", "exact_match", "pass@1")
-# Where each drafter keeps its configured draft length (conf/drafter/*.yaml).
-# The run-level draft_length first: when set it overrides the drafter's own field (config.DrafterConfig).
-DRAFT_LENGTH_KEYS = ("draft_length", "drafter.num_speculative_tokens", "drafter.max_spec_tokens", "drafter.depth",
-                     "drafter.length.k")
 # Always different (output_dir) or shown in a column of its own (drafter.name).
 IGNORED_CONFIG_KEYS = ("output_dir", "drafter.name")
 # Shown once above the tables when every job shares them: what the numbers were measured on.
 SETTING_KEYS = ("model.name", "backend.device", "backend.dtype", "strategy.name", "task.name", "task.limit",
                 "task.max_new_tokens", "baseline")
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
-USAGE = ("usage: decodelab report SWEEP [--out DIR] [--tracking-uri URI | logger.mlflow.tracking_uri=URI] "
-         "(SWEEP: a sweep folder or an MLflow parent run id)")
 PLOT_FILES = ("speedup_vs_draft_length.png", "acceptance_histograms.png", "per_position_acceptance.png")
 
 
@@ -206,10 +201,19 @@ def _acceptance(job: Job) -> Tuple[List[int], List[float]]:
             per_position if per_position is not None else stats["per_position_acceptance"])
 
 
+def draft_length_keys() -> List[str]:
+    """Every config key that holds a draft length: the run-level one and each drafter's own field."""
+    return ["draft_length"] + sorted({f"drafter.{cls.draft_length_key}" for cls in REGISTRY.values()
+                                      if cls.draft_length_key})
+
+
 def _configured_length(job: Job) -> Tuple[Optional[str], Optional[float]]:
     """The config key holding this job's draft length and its value (None, None for drafters without one)."""
     flat = flatten(job.config, ".")
-    for key in DRAFT_LENGTH_KEYS:
+    drafter = REGISTRY.get(str(flat.get("drafter.name")))
+    # The run-level draft_length first: when set it overrides the drafter's own field.
+    keys = ["draft_length"] + ([f"drafter.{drafter.draft_length_key}"] if drafter and drafter.draft_length_key else [])
+    for key in keys:
         if isinstance(flat.get(key), (int, float)) and not isinstance(flat[key], bool):
             return key, float(flat[key])
     return None, None
@@ -222,9 +226,10 @@ def _speedup_plot(jobs: Sequence[Job], varied: Sequence[str], out_dir: Path) -> 
         return Plot(title, None, "no finished job has a speedup (it needs a drafter other than none and a baseline)")
     # The configured length when the sweep varies it (every plotted job must have one), else the measured one.
     lengths = {job.name: _configured_length(job) for job in measured}
-    configured = (any(k in DRAFT_LENGTH_KEYS for k in varied)
+    length_keys = draft_length_keys()
+    configured = (any(k in length_keys for k in varied)
                   and all(value is not None for _, value in lengths.values()))
-    other = [k for k in varied if k not in DRAFT_LENGTH_KEYS]
+    other = [k for k in varied if k not in length_keys]
     lines: Dict[str, List[plots.ErrorPoint]] = {}
     for job in measured:
         x = lengths[job.name][1] if configured else job.metric("mean_draft_length")
@@ -513,46 +518,3 @@ def _write(jobs: List[Job], meta: Dict[str, Any], name: str, source: str, out_di
     return {"out_dir": out_dir, "markdown": markdown, "html": page, "plots": pngs,
             "skipped": {plot.title: plot.note for plot in report.plots if not plot.file},
             "jobs": {job.name: job.status for job in jobs}, "mlflow_run_id": logged}
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-_OPTIONS: Dict[str, Callable[[Dict[str, Any], str], None]] = {
-    "--out": lambda opts, value: opts.__setitem__("out_dir", Path(value)),
-    "--tracking-uri": lambda opts, value: opts.__setitem__("tracking_uri", value),
-    "logger.mlflow.tracking_uri": lambda opts, value: opts.__setitem__("tracking_uri", value),
-}
-
-
-def parse_args(args: List[str]) -> Dict[str, Any]:
-    opts: Dict[str, Any] = {"sweep": None, "out_dir": None, "tracking_uri": DEFAULT_TRACKING_URI}
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        key, eq, value = arg.partition("=")
-        if key in ("--out", "--tracking-uri") and not eq:
-            if not rest:
-                raise UserError(f"{key} needs a value; {USAGE}")
-            value, eq = rest.pop(0), "="
-        if key in _OPTIONS and eq:
-            if not value:
-                raise UserError(f"{key}: needs a non-empty value")
-            _OPTIONS[key](opts, value)
-        elif not arg.startswith("-") and not eq and opts["sweep"] is None:
-            opts["sweep"] = arg
-        else:
-            raise UserError(f"report: unexpected argument {arg!r}; {USAGE}")
-    if opts["sweep"] is None:
-        raise UserError(f"report needs SWEEP; {USAGE}")
-    return opts
-
-
-def cli(args: List[str]) -> None:
-    opts = parse_args(args)
-    result = write_report(opts["sweep"], opts["out_dir"], opts["tracking_uri"])
-    for path in [result["markdown"], result["html"], *result["plots"]]:
-        print(f"wrote {path}")
-    for title, reason in result["skipped"].items():
-        print(f"skipped plot {title!r}: {reason}")
-    if result["mlflow_run_id"]:
-        print(f"logged the report to MLflow run {result['mlflow_run_id']} (artifacts {REPORT_FOLDER}/)")

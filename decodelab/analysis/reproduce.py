@@ -26,16 +26,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from decodelab.errors import UserError
+from decodelab.config import DEFAULT_TRACKING_URI
+from decodelab.errors import UserError, one_line
+from decodelab.experiment.compose import allowed_keys
 from decodelab.tracking.run_folder import (CONFIG_FILE, FINGERPRINT_FILE, RUN_FILES, SAMPLES_FILE, SUMMARY_FILE,
                                       TRACKING_FILE, iter_samples, read_json, write_json)
 
 RESULT_FILE = "reproduce.json"
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-USAGE = ("usage: decodelab reproduce RUN [--out DIR] [--tracking-uri URI] [overrides]\n"
-         "  RUN: a run folder or an MLflow run id (found in --tracking-uri, default sqlite:///mlruns.db)\n"
-         "  overrides: key=value on top of the logged config, e.g. logger=none task.limit=2")
 # (summary key, label) of the side-by-side table; rows appear when either run has the key.
 METRIC_ROWS = (("throughput_tok_s", "throughput tok/s"), ("mean_sample_tok_s", "mean sample tok/s"),
                ("speedup", "speedup"), ("mean_accepted_length", "tau (mean accepted length)"),
@@ -150,9 +148,8 @@ def reproduction_config(logged: dict, overrides: Sequence[str], output_dir: Path
     for that option's defaults (before any value override, as in Hydra), ``key=value`` sets a known key,
     ``+key=value`` / ``++key=value`` add one, ``~key`` drops one.
     """
-    from decodelab.cli import register_resolvers
-    from decodelab.experiment.compose import one_line
-    from decodelab.config import RunConfig, register_configs
+    from decodelab.config import RunConfig
+    from decodelab.experiment.compose import register_configs, register_resolvers
     from omegaconf.errors import OmegaConfBaseException
 
     register_resolvers()
@@ -174,7 +171,7 @@ def reproduction_config(logged: dict, overrides: Sequence[str], output_dir: Path
     except UserError:
         raise
     except OmegaConfBaseException as err:
-        raise UserError(one_line(err)) from None
+        raise UserError(one_line(err, allowed_keys)) from None
     return cfg
 
 
@@ -182,13 +179,12 @@ def parse_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, str], list]:
     """``({group: option}, [value overrides])``; sweeps, Hydra settings, output_dir and experiment refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from decodelab.cli import GROUPS
-    from decodelab.experiment.compose import _check_group_options, one_line
+    from decodelab.experiment.compose import GROUPS, check_group_options
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:  # noqa: BLE001 - Hydra's grammar errors are bad input
-        raise UserError(one_line(err)) from None
+        raise UserError(one_line(err, allowed_keys)) from None
     groups: Dict[str, str] = {}
     values = []
     for override in parsed:
@@ -203,7 +199,7 @@ def parse_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, str], list]:
             raise UserError("experiment: the logged config already holds its experiment's deltas; "
                             "override single keys instead (e.g. task.limit=2)")
         if key in GROUPS and not override.is_delete():
-            _check_group_options([f"{key}={override.value()}"])
+            check_group_options([f"{key}={override.value()}"])
             groups[key] = str(override.value())
         else:
             values.append(override)
@@ -225,9 +221,7 @@ def _apply_value(cfg: DictConfig, override: Any) -> None:
             OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
     else:
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            from decodelab.experiment.compose import _allowed_keys
-
-            raise UserError(f"{key}: unknown key; allowed: {', '.join(_allowed_keys(key))} "
+            raise UserError(f"{key}: unknown key; allowed: {', '.join(allowed_keys(key))} "
                             f"(use +{key}=... to add one)")
         OmegaConf.update(cfg, key, override.value(), merge=False)
 
@@ -509,48 +503,3 @@ def _change(old: Optional[float], new: Optional[float]) -> str:
     if old == 0:
         return f"{new - old:+.3f}"
     return f"{100 * (new - old) / abs(old):+.1f}%"
-
-
-# ---------------------------------------------------------------- command line
-
-
-def parse_args(args: List[str]) -> Tuple[str, Optional[str], str, List[str]]:
-    """RUN, --out, --tracking-uri and the overrides; anything else is a one-line UserError."""
-    source: Optional[str] = None
-    out_dir: Optional[str] = None
-    tracking_uri = DEFAULT_TRACKING_URI
-    overrides: List[str] = []
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        name, sep, value = arg.partition("=")
-        if name in ("--out", "--tracking-uri"):
-            if not sep:
-                if not rest:
-                    raise UserError(f"{name}: needs a value, e.g. {name} {'DIR' if name == '--out' else 'URI'}")
-                value = rest.pop(0)
-            if name == "--out":
-                out_dir = value
-            else:
-                tracking_uri = value
-        elif arg.startswith("-") and not arg.startswith("~"):
-            raise UserError(f"{arg}: unknown option; allowed: --out DIR, --tracking-uri URI")
-        elif source is None:
-            source = arg
-        elif "=" in arg or arg.startswith("~"):
-            overrides.append(arg)
-        else:
-            raise UserError(f"{arg}: expected an override key=value after RUN (one RUN per command)")
-    if source is None:
-        raise UserError("reproduce needs RUN: a run folder or an MLflow run id, e.g. decodelab reproduce runs/<run>")
-    return source, out_dir, tracking_uri, overrides
-
-
-def cli(args: List[str]) -> None:
-    if args and args[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    source, out_dir, tracking_uri, overrides = parse_args(args)
-    result = reproduce(source, out_dir, overrides, tracking_uri=tracking_uri)
-    if not result["ok"]:
-        sys.exit(1)

@@ -24,7 +24,6 @@ ids only for equality, so this changes nothing they do.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -38,21 +37,19 @@ import torch
 from decodelab.decoding import tree
 from decodelab.config import DrafterConfig, StrategyConfig
 from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
-from decodelab.drafters.base import Draft, Drafter
-from decodelab.decoding.engine import StopCriteria, decode
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
+from decodelab.decoding.engine import decode
+from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.experiment.telemetry import acceptance_stats
 
-MODEL_FREE = ("prompt_lookup", "suffix", "token_recycling")
-# Replayed exactly (see the module docstring); token_recycling is approximate.
-EXACT = ("prompt_lookup", "suffix")
-DEFAULT_DRAFTERS = ("prompt_lookup", "suffix")
-DEFAULT_GRIDS: Dict[str, Dict[str, List[Any]]] = {
-    "prompt_lookup": {"num_speculative_tokens": [2, 3, 4, 5, 6, 8, 10, 12], "max_ngram_size": [1, 2, 3, 4]},
-    "suffix": {"max_spec_tokens": [4, 8, 16, 24], "alpha": [1.0, 2.0, 4.0], "min_score": [0.0, 0.1, 0.3]},
-    "token_recycling": {"topk": [4, 8], "depth": [3, 5, 7], "tree_size": [15, 30, 60]},
-}
+# Each drafter says whether it can be replayed without a model (Drafter.simulation_grid) and how exactly.
+MODEL_FREE = tuple(name for name, cls in REGISTRY.items() if cls.simulation_grid)
+EXACT = tuple(name for name in MODEL_FREE if REGISTRY[name].replay_exact)
+DEFAULT_DRAFTERS = EXACT
+DEFAULT_GRIDS: Dict[str, Dict[str, List[Any]]] = {name: dict(REGISTRY[name].simulation_grid) for name in MODEL_FREE}
 # Rows of the best drafter whose values span the suggested confirmation multirun.
 CONFIRM_TOP = 3
 
@@ -219,7 +216,7 @@ def simulate(records: Sequence[dict], drafter_cfg: Any, max_new_tokens: Optional
     generator = torch.Generator()
     samples: List[Dict[str, Any]] = []
     for record in records:
-        steps: List[List[float]] = []
+        steps: List[list] = []
         for prompt, output in zip(record["prompt_tokens"], record["output_tokens"]):
             prompt, output = ids.encode(prompt), ids.encode(output)
             target.start(prompt, output)
@@ -227,7 +224,7 @@ def simulate(records: Sequence[dict], drafter_cfg: Any, max_new_tokens: Optional
             generation = decode(target, prompt, pipeline=pipeline, drafter=drafter, stop=stop, generator=generator)
             if generation.tokens != output:
                 raise RuntimeError(f"replay of sample {record.get('id')!r} left its recorded output; a bug")
-            steps += [[s.drafted, s.accepted, s.bonus, s.draft_s, 0.0, s.depth] for s in generation.steps]
+            steps += [dataclasses.replace(s, verify_s=0.0).to_list(digits=None) for s in generation.steps]
         samples.append({"id": record.get("id"), "category": record.get("category"), "steps": steps})
     stats = acceptance_stats(step for sample in samples for step in sample["steps"])
     by_category: Dict[str, Dict[str, float]] = {}
@@ -399,71 +396,20 @@ def overrides(cfg: DrafterConfig, settings: Dict[str, Any]) -> List[str]:
     default = dataclasses.asdict(type(cfg)())
     values = dataclasses.asdict(cfg)
     keys = [k for k in values if k != "name" and (k in settings or values[k] != default.get(k))]
-    return [f"drafter={cfg.name}"] + [f"drafter.{k}={_yaml(values[k])}" for k in keys]
+    return [f"drafter={cfg.name}"] + [f"drafter.{k}={yaml_value(values[k])}" for k in keys]
 
 
-def _yaml(value: Any) -> str:
+def yaml_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_yaml(v) for v in value) + "]"
+        return "[" + ",".join(yaml_value(v) for v in value) + "]"
     return str(value)
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"simulate: {message}")
-
-
-def _parse(args: List[str]) -> argparse.Namespace:
-    parser = _Parser(prog="decodelab simulate", description=__doc__.splitlines()[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished greedy run folder")
-    parser.add_argument("--drafter", action="append", default=[],
-                        help=f"drafter(s) to simulate, repeatable or comma-separated: {', '.join(MODEL_FREE)} "
-                             f"(default: {', '.join(DEFAULT_DRAFTERS)})")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2,...",
-                        help="values of one drafter setting (replaces its default grid); repeatable")
-    parser.add_argument("--top", type=int, default=None, help="print only the best N rows (simulate.json has all)")
-    parser.add_argument("--out", default=None, help="folder for simulate.json, or a .json path (default: RUN_DIR)")
-    opts = parser.parse_args(args)
-    names = [n.strip() for item in opts.drafter for n in item.split(",") if n.strip()] or list(DEFAULT_DRAFTERS)
-    for name in names:
-        if name not in MODEL_FREE:
-            raise UserError(f"--drafter {name}: not a model-free drafter; allowed: {', '.join(MODEL_FREE)}")
-    opts.drafters = list(dict.fromkeys(names))
-    if opts.top is not None and opts.top < 1:
-        raise UserError(f"--top: must be >= 1, got {opts.top}")
-    return opts
-
-
-def cli(args: List[str]) -> None:
-    opts = _parse(args)
-    run = load_run(opts.run_dir)
-    points, notes = grid_points(opts.drafters, parse_grid(opts.grid), run)
-    costs = step_costs(run)
-    rows = [_row(cfg, settings, simulate(run.records, cfg, run.max_new_tokens), costs)
-            for cfg, settings in _progress(points)]
-    rows.sort(key=lambda r: (-r["mean_accepted_length"], -r["acceptance_rate"], r["mean_draft_length"]))
-    best = _best_per_drafter(rows)
-    confirm = confirm_command(run, [r for r in rows if r["drafter"] == rows[0]["drafter"]][:CONFIRM_TOP])
-    result = {"run_dir": str(run.path), "recorded": _recorded(run), "costs": costs, "notes": notes,
-              "best": [r["overrides"] for r in best], "confirm_command": confirm, "rows": rows}
-    out = Path(opts.out).expanduser() if opts.out else run.path
-    out = out if out.suffix == ".json" else out / "simulate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    _print(run, rows[:opts.top], best, confirm, costs, notes)
-    print(f"all {len(rows)} rows: {out}")
-
-
-def _progress(points: List[Tuple[DrafterConfig, Dict[str, Any]]]) -> Iterable[Tuple[DrafterConfig, Dict[str, Any]]]:
+def progress(points: List[Tuple[DrafterConfig, Dict[str, Any]]]) -> Iterable[Tuple[DrafterConfig, Dict[str, Any]]]:
     from tqdm import tqdm
 
     return tqdm(points, desc="simulating", unit="setting", file=sys.stderr, disable=None, leave=False)
@@ -491,7 +437,7 @@ def _best_per_drafter(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return list(seen.values())
 
 
-def _recorded(run: RecordedRun) -> Dict[str, Any]:
+def recorded_summary(run: RecordedRun) -> Dict[str, Any]:
     keys = ("mean_accepted_length", "acceptance_rate", "speedup", "predicted_speedup")
     return {"drafter": (run.cfg.get("drafter") or {}).get("name"), **{k: run.summary[k] for k in keys if k in run.summary}}
 
@@ -522,52 +468,27 @@ def run_overrides(cfg: Dict[str, Any]) -> List[str]:
     out.append(f"task={task.get('name')}")
     for key in ("path", "categories", "limit", "shuffle_seed", "max_turns", "max_new_tokens"):
         if task.get(key) is not None:
-            out.append(f"task.{key}={_yaml(task[key])}")
+            out.append(f"task.{key}={yaml_value(task[key])}")
     if task.get("stop_strings"):
         out.append(f"task.stop_strings={json.dumps(task['stop_strings'])}")
     return out
 
 
-def _print(run: RecordedRun, rows: List[Dict[str, Any]], best: List[Dict[str, Any]], confirm: str,
-           costs: Optional[Dict[str, Any]], notes: List[str]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    turns = sum(len(r["output_tokens"]) for r in run.records)
-    tokens = sum(len(o) for r in run.records for o in r["output_tokens"])
-    table = Table(title=f"simulated acceptance: {len(run.records)} prompts, {turns} turns, {tokens} recorded tokens")
-    columns = ["#", "drafter", "settings", "tau", "alpha", "draft len", "steps"]
-    columns += ["pred. speedup"] if costs else []
-    unresolved = any(r["unresolved_steps"] for r in rows)
-    columns += ["unresolved"] if unresolved else []
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("drafter", "settings") else "right")
-    for rank, row in enumerate(rows, start=1):
-        cells = [str(rank), row["drafter"] + ("" if row["exact"] else " ~"),
-                 escape(" ".join(f"{k}={_yaml(v)}" for k, v in row["settings"].items())),
-                 f"{row['mean_accepted_length']:.3f}", f"{row['acceptance_rate']:.3f}",
-                 f"{row['mean_draft_length']:.2f}", str(row["verify_steps"])]
-        cells += [f"{row['predicted_speedup']:.2f}x" if "predicted_speedup" in row else "-"] if costs else []
-        cells += [str(row["unresolved_steps"])] if unresolved else []
-        table.add_row(*cells)
-    console.print(table)
-    recorded = _recorded(run)
-    if "mean_accepted_length" in recorded:
-        console.print(f"recorded run: drafter={recorded['drafter']} tau {recorded['mean_accepted_length']:.3f} "
-                      f"alpha {recorded.get('acceptance_rate', 0.0):.3f}")
-    if costs:
-        console.print(f"pred. speedup = tau / (simulated draft time + verification {costs['verify_cost_per_step']:.2f} "
-                      f"AR steps, {costs['verify_cost_source']}), AR step {1000 * costs['ar_step_s']:.2f} ms")
-    if any(not r["exact"] for r in rows):
-        console.print("~ approximate: token_recycling learns from logits the run did not record (see decodelab/simulate.py)")
-    if unresolved:
-        console.print("unresolved: steps whose draft matched a recorded output to its end and went on; "
-                      "counted as rejected past it")
-    for note in notes:
-        console.print(escape(note))
-    for index, row in enumerate(best):
-        console.print(("best: " if index == 0 else "      ") + escape(row["overrides"])
-                      + f"   (tau {row['mean_accepted_length']:.3f}, alpha {row['acceptance_rate']:.3f})")
-    console.print("confirm: " + escape(confirm), soft_wrap=True)
+def search(run: RecordedRun, drafters: Sequence[str], grid: Dict[str, List[Any]], out: Optional[str]
+           ) -> Tuple[Dict[str, Any], List[Dict[str, Any]], Path]:
+    """Replay every grid point, rank the settings by tau, and write simulate.json (to ``out``: a folder or
+    a .json path; default the run folder). Returns the result, the best row per drafter and the file."""
+    points, notes = grid_points(drafters, grid, run)
+    costs = step_costs(run)
+    rows = [_row(cfg, settings, simulate(run.records, cfg, run.max_new_tokens), costs)
+            for cfg, settings in progress(points)]
+    rows.sort(key=lambda r: (-r["mean_accepted_length"], -r["acceptance_rate"], r["mean_draft_length"]))
+    best = _best_per_drafter(rows)
+    confirm = confirm_command(run, [r for r in rows if r["drafter"] == rows[0]["drafter"]][:CONFIRM_TOP])
+    result = {"run_dir": str(run.path), "recorded": recorded_summary(run), "costs": costs, "notes": notes,
+              "best": [r["overrides"] for r in best], "confirm_command": confirm, "rows": rows}
+    path = Path(out).expanduser() if out else run.path
+    path = path if path.suffix == ".json" else path / "simulate.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result, best, path

@@ -10,73 +10,19 @@ attention mask and compacted to the accepted path.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter, synchronize
-from decodelab.drafters.base import Draft, Drafter
 from decodelab.decoding.logits import LogitsPipeline
-from decodelab.decoding.verify import Verdict, verify
+from decodelab.decoding.stop import StopCriteria
+from decodelab.decoding.types import Draft, Generation, Proposer, StepRecord, Verdict
+from decodelab.decoding.verify import verify
 
 
-@dataclass
-class StepRecord:
-    drafted: int  # draft tokens verified (a tree's node count)
-    accepted: int
-    bonus: int
-    draft_s: float
-    verify_s: float
-    depth: int  # the draft's longest path: its length for a chain, the deepest node's depth for a tree
-
-
-@dataclass
-class Generation:
-    tokens: List[int]
-    stop_reason: str  # eos | stop_string | max_new_tokens
-    ttft_s: float
-    wall_s: float
-    steps: List[StepRecord] = field(default_factory=list)
-    target_forwards: int = 0
-    draft_forwards: int = 0
-    # True when any step used a lossy acceptance rule (typical acceptance): the output does not follow
-    # the target distribution, and every record of this generation must say so.
-    lossy: bool = False
-
-
-class StopCriteria:
-    """EOS ids, stop strings and the token budget; returns how many tokens to keep once one fires."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: Iterable[int], stop_strings: Sequence[str],
-                 max_new_tokens: int):
-        self.tokenizer = tokenizer
-        self.eos_ids = set(eos_ids)
-        self.stop_strings = list(stop_strings)
-        self.max_new_tokens = max_new_tokens
-        # Decoding only a tail keeps the check cheap; a stop string is never longer than this many tokens.
-        self._tail = max((len(s) for s in self.stop_strings), default=0) + 8
-
-    def check(self, tokens: List[int], new: int) -> Optional[tuple]:
-        """(keep, reason) if generation must stop given that the last ``new`` tokens were just committed."""
-        for i in range(len(tokens) - new, len(tokens)):
-            if tokens[i] in self.eos_ids:
-                return min(i + 1, self.max_new_tokens), "eos"
-            if self.stop_strings and self._stop_string_ends_at(tokens, i):
-                return min(i + 1, self.max_new_tokens), "stop_string"
-        if len(tokens) >= self.max_new_tokens:
-            return self.max_new_tokens, "max_new_tokens"
-        return None
-
-    def _stop_string_ends_at(self, tokens: List[int], i: int) -> bool:
-        text = self.tokenizer.decode(tokens[max(0, i + 1 - self._tail): i + 1], skip_special_tokens=False)
-        prev = self.tokenizer.decode(tokens[max(0, i + 1 - self._tail): i], skip_special_tokens=False)
-        return any(s in text and s not in prev for s in self.stop_strings)
-
-
-def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipeline, drafter: Drafter,
+def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipeline, drafter: Proposer,
            stop: StopCriteria, generator: torch.Generator) -> Generation:
     """Decode one prompt; times are wall-clock with the device synchronised."""
     prompt = list(prompt_ids)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
-from decodelab.config import StrategyConfig
 
 NEG_INF = float("-inf")
 # generate() keeps at least this many tokens when not doing beam search; every filter honours it.
@@ -166,6 +165,25 @@ def apply_eta(logits: torch.Tensor, epsilon: float, min_keep: int = MIN_TOKENS_T
 Step = Callable[[torch.Tensor], torch.Tensor]
 
 
+class Settings(Protocol):
+    """The fields of a strategy the pipeline reads (decodelab.config.StrategyConfig has them); the decoding
+    core takes any object with them, so it depends on no schema."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    eta_cutoff: float
+    epsilon_cutoff: float
+    repetition_penalty: float
+    seed: Optional[int]
+    acceptance: str
+    typical_epsilon: float
+    typical_delta: float
+
+
 class LogitsPipeline:
     """Turns raw logits into the distribution a strategy samples from.
 
@@ -174,7 +192,7 @@ class LogitsPipeline:
     sampling-only), then argmax.
     """
 
-    def __init__(self, cfg: StrategyConfig):
+    def __init__(self, cfg: Settings):
         self.cfg = cfg
         self._greedy = (not cfg.do_sample) or cfg.temperature == 0
         self.penalty = float(cfg.repetition_penalty)

@@ -17,24 +17,13 @@ Every random draw uses the caller's generator, so a seed fixes the output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
 
 from decodelab.decoding import tree
-from decodelab.drafters.base import Draft
 from decodelab.decoding.logits import ChainContext, Context, LogitsPipeline
-
-
-@dataclass
-class Verdict:
-    accepted: List[int]
-    bonus: int
-    # Draft indices of the accepted tokens (a root-to-node path for trees; 0..len-1 for chains).
-    nodes: List[int] = field(default_factory=list)
-    # True when a lossy rule (typical acceptance) judged a non-empty draft.
-    lossy: bool = False
+from decodelab.decoding.types import Draft, Verdict
 
 
 def verify(draft: Draft, logits: torch.Tensor, pipeline: LogitsPipeline, generator: torch.Generator,

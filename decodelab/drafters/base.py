@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-
-@dataclass
-class Draft:
-    """Proposed tokens: a chain (``parents`` None) or a token tree.
-
-    ``parents[i]`` is the index of token i's parent in ``tokens``, -1 for a child of the root (the last
-    committed token); parents come first (``parents[i] < i``). See :mod:`decodelab.decoding.tree`.
-    """
-
-    tokens: List[int]
-    # Draft distributions [len(tokens), vocab] for lossless speculative sampling: row i is the distribution
-    # token i was drawn from (in a tree: the one at its parent), built by the run's LogitsPipeline.
-    # None for deterministic drafters (treated as one-hot on the proposed token).
-    probs: Optional[torch.Tensor] = None
-    forwards: int = 0
-    parents: Optional[List[int]] = None
-
-    def __len__(self) -> int:
-        return len(self.tokens)
+from decodelab.decoding.types import Draft
 
 
 class Drafter:
@@ -33,9 +14,14 @@ class Drafter:
 
     # The registry key (drafter.name in configs); the base class has none and is not registered.
     name: str = ""
-    lossy = False
     # The dataclass (a DrafterConfig subclass) that types this drafter's config node.
     config_class: type = object
+    # The config field (below drafter.) that holds the draft length, for reports; None: no such field.
+    draft_length_key: Optional[str] = None
+    # Offline replay (decodelab simulate): the default grid of a model-free drafter ({}: it needs a model),
+    # and whether the replay reproduces the real run's steps exactly or only approximately.
+    simulation_grid: Dict[str, List[Any]] = {}
+    replay_exact: bool = False
 
     def reset(self, prompt_ids: Sequence[int]) -> None:
         """A new sequence starts (or a new turn re-uses an edited context)."""

@@ -52,7 +52,8 @@ from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter, common_prefix
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
 from decodelab.drafters.length import DraftLengthConfig, LengthController, build_controller
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.errors import ConfigError, UserError, check
 from decodelab.decoding.logits import LogitsPipeline
 
@@ -289,6 +290,7 @@ def forward_tree_level(lm: LMAdapter, grown: GrowingTree, nodes: Sequence[int]) 
 class DraftModelDrafter(ChainDrafter):
     name = "draft_model"
     config_class = DraftModelConfig
+    draft_length_key = "length.k"
 
     def __init__(self, cfg: DraftModelConfig, *, target: LMAdapter, loaded, pipeline: Optional[LogitsPipeline] = None,
                  strategy: Optional[StrategyConfig] = None, backend: Optional[BackendConfig] = None, draft=None,

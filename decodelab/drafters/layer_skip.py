@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
 from decodelab.drafters.length import DraftLengthConfig
-from decodelab.drafters.base import Draft
+from decodelab.decoding.types import Draft
 from decodelab.drafters.draft_model import ChainDrafter, model_eos_ids, output_vocab, resolve_pipeline
 from decodelab.errors import ConfigError, check
 from decodelab.decoding.logits import LogitsPipeline
@@ -117,6 +117,7 @@ def check_supported(model) -> None:
 class LayerSkipDrafter(ChainDrafter):
     name = "layer_skip"
     config_class = LayerSkipConfig
+    draft_length_key = "length.k"
 
     def __init__(self, cfg: LayerSkipConfig, *, target, loaded, pipeline: Optional[LogitsPipeline] = None,
                  strategy: Optional[StrategyConfig] = None, backend: Optional[BackendConfig] = None, **_parts):

@@ -40,7 +40,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.errors import check
 from decodelab.decoding.tree import ROOT
 

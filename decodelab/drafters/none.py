@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 
 
 class NoDrafter(Drafter):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.errors import check
 
 
@@ -74,6 +75,9 @@ class NgramIndex:
 class PromptLookupDrafter(Drafter):
     name = "prompt_lookup"
     config_class = PromptLookupConfig
+    draft_length_key = "num_speculative_tokens"
+    simulation_grid = {"num_speculative_tokens": [2, 3, 4, 5, 6, 8, 10, 12], "max_ngram_size": [1, 2, 3, 4]}
+    replay_exact = True
 
     def __init__(self, cfg: PromptLookupConfig, **_parts):
         self.cfg = cfg

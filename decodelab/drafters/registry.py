@@ -7,15 +7,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Dict, Type
+from typing import Any, Dict, List, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import decodelab.drafters as drafters_package
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
-from decodelab.errors import ConfigError, UserError
+from decodelab.drafters.base import Drafter
+from decodelab.errors import ConfigError, UserError, one_line
 
 
 
@@ -47,8 +47,6 @@ def drafter_config(node: Any) -> DrafterConfig:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         typed: DrafterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        from decodelab.experiment.compose import one_line
-
         raise UserError("drafter." + one_line(err)) from None
     return typed
 
@@ -76,8 +74,14 @@ def _resolve(schema: type, key: str) -> Any:
     return typing.get_type_hints(schema).get(key)
 
 
+def draft_length_drafters() -> List[str]:
+    """Drafters whose config maps the run-level ``draft_length`` onto a field of their own."""
+    return [name for name, cls in REGISTRY.items()
+            if cls.config_class.set_draft_length is not DrafterConfig.set_draft_length]
+
+
 def build_drafter(cfg: DrafterConfig, **parts) -> Drafter:
     return REGISTRY[cfg.name](cfg, **parts)
 
 
-__all__ = ["Draft", "Drafter", "build_drafter", "drafter_config", "REGISTRY"]
+__all__ = ["build_drafter", "draft_length_drafters", "drafter_config", "REGISTRY"]

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Deque, List, Optional, Sequence, Tuple
 
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.errors import check
 
 
@@ -190,6 +191,9 @@ def speculate(state: List[_Node], *, max_depth: int, max_spec_tokens: int, alpha
 class SuffixDrafter(Drafter):
     name = "suffix"
     config_class = SuffixConfig
+    draft_length_key = "max_spec_tokens"
+    simulation_grid = {"max_spec_tokens": [4, 8, 16, 24], "alpha": [1.0, 2.0, 4.0], "min_score": [0.0, 0.1, 0.3]}
+    replay_exact = True
 
     def __init__(self, cfg: SuffixConfig, **_parts):
         self.cfg = cfg

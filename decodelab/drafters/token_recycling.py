@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from decodelab.config import DrafterConfig
-from decodelab.drafters.base import Draft, Drafter
+from decodelab.decoding.types import Draft
+from decodelab.drafters.base import Drafter
 from decodelab.errors import check
 
 EMPTY = -1  # an adjacency entry never filled
@@ -103,6 +104,9 @@ class Template:
 class TokenRecyclingDrafter(Drafter):
     name = "token_recycling"
     config_class = TokenRecyclingConfig
+    draft_length_key = "depth"
+    # Approximate: its matrix learns from target logits a run does not record.
+    simulation_grid = {"topk": [4, 8], "depth": [3, 5, 7], "tree_size": [15, 30, 60]}
 
     def __init__(self, cfg: TokenRecyclingConfig, target=None, loaded=None, **_parts):
         cfg.validate("drafter")

@@ -4,16 +4,43 @@ one-line messages that name the bad key or value and what is allowed."""
 from __future__ import annotations
 
 import itertools
+import os
 import sys
+import uuid
+from pathlib import Path
 from typing import Iterable, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from decodelab.errors import UserError
+from decodelab.errors import UserError, one_line
 
+GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger", "launcher", "experiment")
 VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger")
 MAX_PREFLIGHT_JOBS = 1024
+
+
+def conf_dir() -> Path:
+    """conf/ of the checkout (editable install) or the one packaged beside the code."""
+    override = os.environ.get("DECODELAB_CONF_DIR")
+    candidates = [Path(override)] if override else []
+    here = Path(__file__).resolve().parents[1]
+    candidates += [here.parent / "conf", here / "conf"]
+    for candidate in candidates:
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise UserError(f"config folder not found (looked in {', '.join(map(str, candidates))}); set DECODELAB_CONF_DIR")
+
+
+def group_options(group: str) -> List[str]:
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("uid"):
+        # A short random id per run folder: jobs started in the same second never collide.
+        OmegaConf.register_new_resolver("uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -21,12 +48,9 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from decodelab.cli import conf_dir, register_resolvers
-    from decodelab.config import register_configs
-
     register_resolvers()
     register_configs()
-    _check_group_options(overrides)
+    check_group_options(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=list(overrides),
@@ -34,7 +58,7 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     except UserError:
         raise
     except Exception as err:  # Hydra and OmegaConf raise many kinds; all are bad input here.
-        raise UserError(one_line(err)) from None
+        raise UserError(one_line(err, allowed_keys)) from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -50,12 +74,12 @@ def validate(cfg: DictConfig) -> None:
         try:
             parts[group] = OmegaConf.to_object(cfg[group])
         except OmegaConfBaseException as err:
-            raise UserError(one_line(err)) from None
+            raise UserError(one_line(err, allowed_keys)) from None
         if group == "drafter":
             parts[group] = drafter_config(parts[group])
         parts[group].validate(group)
     run = RunConfig(**parts, baseline=cfg.get("baseline", "cached"), draft_length=cfg.get("draft_length", None))
-    run.apply_draft_length()
+    apply_draft_length(run)
     run.validate()
     resolve_device(run.backend)
     check_model_available(run.model)
@@ -109,7 +133,7 @@ def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:
-        raise UserError(one_line(err)) from None
+        raise UserError(one_line(err, allowed_keys)) from None
     choices: List[List[str]] = []
     for override in parsed:
         if override.is_sweep_override() and not override.is_hydra_override():
@@ -124,9 +148,7 @@ def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:
     return jobs or [[]]
 
 
-def _check_group_options(overrides: Iterable[str]) -> None:
-    from decodelab.cli import GROUPS, group_options
-
+def check_group_options(overrides: Iterable[str]) -> None:
     for line in overrides:
         key, sep, value = line.partition("=")
         key = key.lstrip("+~")
@@ -139,26 +161,8 @@ def _check_group_options(overrides: Iterable[str]) -> None:
                 raise UserError(f"{key}={item}: unknown {key} option; available: {', '.join(options)}")
 
 
-def one_line(err: BaseException) -> str:
-    """The most specific message in an exception chain, on one line, led by the full key when known."""
-    chain = []
-    current = err
-    while current is not None and len(chain) < 6:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for exc in reversed(chain):
-        full_key = getattr(exc, "full_key", None)
-        msg = getattr(exc, "msg", None) or str(exc)
-        if full_key:
-            first = msg.strip().splitlines()[0]
-            if type(exc).__name__ == "ConfigKeyError" or " not in " in first:
-                return f"{full_key}: unknown key; allowed: {', '.join(_allowed_keys(full_key))}"
-            return f"{full_key}: {first}"
-    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
-    return text or type(err).__name__
 
-
-def _allowed_keys(full_key: str) -> List[str]:
+def allowed_keys(full_key: str) -> List[str]:
     """Keys of the parent node of ``full_key`` in the default config, for 'unknown key' messages."""
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
     try:
@@ -167,3 +171,43 @@ def _allowed_keys(full_key: str) -> List[str]:
         return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
     except Exception:
         return []
+
+
+def register_configs() -> None:
+    """Register the run schema so that conf/config.yaml can name it in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    from decodelab.config import RunConfig
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> "RunConfig":
+    """Resolve, type and validate a composed config; raises UserError on bad values."""
+    from decodelab.config import RunConfig
+    from decodelab.drafters.registry import drafter_config
+
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise UserError(one_line(err, allowed_keys)) from None
+    run.drafter = drafter_config(run.drafter)
+    apply_draft_length(run)
+    run.validate()
+    return run
+
+
+def apply_draft_length(run: "RunConfig") -> None:
+    """The run-level ``draft_length`` onto the drafter's own field; a drafter without one is named with those
+    that have one."""
+    from decodelab.drafters.registry import draft_length_drafters
+    from decodelab.errors import ConfigError, check
+
+    if run.draft_length is None:
+        return
+    check(run.draft_length >= 1, "draft_length", f"must be >= 1 or null, got {run.draft_length}")
+    try:
+        run.drafter.set_draft_length(run.draft_length)
+    except ConfigError as err:
+        raise ConfigError("draft_length", f"{str(err).split(': ', 1)[1]}; allowed with: "
+                                          f"{', '.join(draft_length_drafters())}") from None

@@ -1,4 +1,4 @@
-"""Environment fingerprint recorded with every run (DESIGN.md section 3).
+"""Environment fingerprint recorded with every run (README, 'What a run records').
 
 A throughput number means nothing without the machine, library versions and code revision that produced
 it, so every run stores this dict in ``fingerprint.json``. Each probe is isolated: a failing probe yields

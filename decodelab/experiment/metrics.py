@@ -1,4 +1,4 @@
-"""Metric definitions (../shared/DESIGN.md section 3), one for every backend.
+"""Metric definitions (README, 'What a run records'), one for every backend.
 
 A sample may have several turns; its new tokens and wall time are sums over turns, its TTFT the mean
 of the turns' TTFTs, and its TPOT the decode time after each turn's first token over the tokens after it.
@@ -10,8 +10,8 @@ from collections import defaultdict
 from statistics import mean
 from typing import Dict, Iterable, List, Sequence
 
-from decodelab.experiment.baseline import bootstrap_speedup
-from decodelab.decoding.engine import Generation
+from decodelab.experiment.stats import bootstrap_speedup
+from decodelab.decoding.types import Generation
 from decodelab.experiment.telemetry import acceptance_stats, cost_model, flat_metrics, merge_steps
 
 HEADLINE = ("throughput_tok_s", "mean_sample_tok_s", "ttft_s", "tpot_s", "new_tokens", "peak_mem_mb")

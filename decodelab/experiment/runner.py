@@ -6,23 +6,27 @@ import resource
 import sys
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from decodelab.config import BackendConfig, LoggerConfig, RunConfig
+from decodelab.decoding.engine import decode
 from decodelab.decoding.lm import LMAdapter
-from decodelab.experiment.baseline import ARReference, Reference, divergence
-from decodelab.config import BackendConfig, RunConfig, to_run_config
+from decodelab.decoding.logits import LogitsPipeline
+from decodelab.decoding.stop import StopCriteria
+from decodelab.decoding.types import Generation
 from decodelab.drafters.registry import build_drafter
-from decodelab.decoding.engine import Generation, StopCriteria, decode
+from decodelab.experiment.baseline import BaselineCache, Baseline, divergence
+from decodelab.experiment.compose import to_run_config
 from decodelab.experiment.metrics import list_metrics, sample_timing, summarize
 from decodelab.experiment.plots import acceptance_plots
 from decodelab.models.loading import LoadedModel, load_model, resolve_device
-from decodelab.decoding.logits import LogitsPipeline
 from decodelab.tasks import load_task
 from decodelab.tasks.base import Prompt
+from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV
 
 
 def setup_backend(backend: BackendConfig) -> None:
@@ -48,9 +52,9 @@ class PromptRunner:
                                      backend=run.backend)
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
-        self.reference = self._reference() if run.drafter.name != "none" and run.baseline != "none" else None
+        self.baseline = self._baseline_cache() if run.drafter.name != "none" and run.baseline != "none" else None
 
-    def _reference(self) -> ARReference:
+    def _baseline_cache(self) -> BaselineCache:
         """The AR baseline of this exact config, cached per everything that changes its tokens or timings.
 
         Inside a sweep the cache lives in the sweep folder: the baseline is decoded once, by the first job
@@ -60,14 +64,12 @@ class PromptRunner:
         import os
         from dataclasses import asdict
 
-        from decodelab.sweeps.callback import SWEEP_DIR_ENV
-
         run = self.run
         key = {"model": self.loaded.fingerprint, "backend": asdict(run.backend), "strategy": asdict(run.strategy),
                "max_new_tokens": run.task.max_new_tokens, "stop": list(run.task.stop_strings),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
         cache_dir = os.environ.get(SWEEP_DIR_ENV) or run.model.cache_dir
-        return ARReference(self.target, self.pipeline, self.stop, cache_dir, key,
+        return BaselineCache(self.target, self.pipeline, self.stop, cache_dir, key,
                            use_cache=run.baseline == "cached")
 
     def encode(self, messages: List[dict]) -> List[int]:
@@ -96,21 +98,21 @@ class PromptRunner:
         turns: List[Generation] = []
         prompt_tokens: List[List[int]] = []
         outputs: List[str] = []
-        references: List[Reference] = []
+        baselines: List[Baseline] = []
         divergences: List[Optional[dict]] = []
         for turn_index, turn in enumerate(prompt.turns):
             messages.append({"role": "user", "content": turn})
             input_ids = self.encode(messages)
             prompt_tokens.append(list(input_ids))
             seed = self.seed_for(prompt, turn_index)
-            if self.reference is not None:
-                references.append(self.reference.get(input_ids, seed))
+            if self.baseline is not None:
+                baselines.append(self.baseline.get(input_ids, seed))
             # Every decode starts from an empty cache: equal footing for baseline, drafters and turns.
             self.target.reset()
             generation = decode(self.target, input_ids, pipeline=self.pipeline, drafter=self.drafter,
                                 stop=self.stop, generator=self.generator_for(seed))
-            if references and self.pipeline.greedy:
-                divergences.append(divergence(self.target, input_ids, references[-1].tokens, generation.tokens))
+            if baselines and self.pipeline.greedy:
+                divergences.append(divergence(self.target, input_ids, baselines[-1].tokens, generation.tokens))
             text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
             text = _cut_at_stop_string(text, self.run.task.stop_strings)
             messages.append({"role": "assistant", "content": text})
@@ -123,15 +125,14 @@ class PromptRunner:
             **sample_timing(turns),
             "peak_mem_mb": _peak_memory_mb(self.target.device),
             "quality": score(prompt, "\n".join(outputs)),
-            "steps": [[s.drafted, s.accepted, s.bonus, round(s.draft_s, 6), round(s.verify_s, 6), s.depth]
-                      for g in turns for s in g.steps],
+            "steps": [s.to_list() for g in turns for s in g.steps],
             "lossy": any(getattr(g, "lossy", False) for g in turns),
         }
-        if references:
-            record["baseline"] = {"new_tokens": sum(len(r.tokens) for r in references),
-                                  "wall_s": sum(r.wall_s for r in references),
-                                  "ttft_s_total": sum(r.ttft_s for r in references), "turns": len(references),
-                                  "cached": all(r.cached for r in references)}
+        if baselines:
+            record["baseline"] = {"new_tokens": sum(len(r.tokens) for r in baselines),
+                                  "wall_s": sum(r.wall_s for r in baselines),
+                                  "ttft_s_total": sum(r.ttft_s for r in baselines), "turns": len(baselines),
+                                  "cached": all(r.cached for r in baselines)}
         if divergences:
             record["lossless"] = all(d is None for d in divergences)
             record["divergences"] = [dict(turn=i, **d) for i, d in enumerate(divergences) if d is not None]
@@ -178,12 +179,16 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
+# What a front end shows at the end of a run: (summary, run folder, logger config, remote trackers that failed).
+Show = Callable[[Dict[str, float], Path, LoggerConfig, List[str]], None]
+
+
+def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] = None) -> Dict[str, float]:
     """Run one composition; returns the summary (with ``status``). Raises UserError on bad input before
     anything is recorded. With ``resume``, a config that already finished is not run again (its summary is
-    returned) and an unfinished one continues from the samples it recorded."""
+    returned) and an unfinished one continues from the samples it recorded. ``show`` is called when the run
+    finished and ``print_table`` is on (the CLI prints its table)."""
     from decodelab.experiment.fingerprint import environment_fingerprint
-    from decodelab.cli.table import print_summary
     from decodelab.experiment.resume import config_hash, find_previous
     from decodelab.tracking.tracker import Tracker
 
@@ -224,8 +229,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None) -> Dict[str, float]:
     lists = list_metrics(records)
     plots = acceptance_plots(lists["accepted_histogram"], lists["per_position_acceptance"], run_dir, run_name)
     tracker.finish({**summary, **lists} if plots else summary, artifacts=plots)
-    if run_cfg.print_table:
-        print_summary(summary, run_dir, run_cfg.logger, tracker.remote_failures)
+    if run_cfg.print_table and show is not None:
+        show(summary, run_dir, run_cfg.logger, tracker.remote_failures)
     return {**summary, "status": "FINISHED"}
 
 
@@ -244,7 +249,6 @@ def _reuse(previous, run_dir: Path, digest: str) -> Dict[str, float]:
 def record_failure(cfg: DictConfig, output_dir: str, error: str) -> None:
     """A job that failed before its run started (bad combination, model load): a FAILED run folder and
     remote run, so a sweep's summary and MLflow show it with its error."""
-    from decodelab.config import LoggerConfig
     from decodelab.tracking.tracker import Tracker
 
     try:

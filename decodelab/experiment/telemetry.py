@@ -1,9 +1,8 @@
-"""Acceptance telemetry from per-step records (DESIGN.md section 3).
+"""Acceptance telemetry from per-step records (README, 'What a run records').
 
-A step record is ``[drafted, accepted, bonus, draft_s, verify_s, depth]``: ``drafted`` counts the draft
-tokens verified (a tree's nodes), ``depth`` is the most the step could accept (a chain's length, a
-tree's deepest level); records written before depth existed have five elements and are chains, so
-their depth is ``drafted``. alpha = accepted / drafted tokens; tau = (accepted + bonus) / verification
+Steps are :class:`decodelab.decoding.types.StepRecord` (its ``from_list`` is the one reader of the list
+form in ``samples.jsonl``): ``drafted`` counts the draft tokens verified (a tree's nodes), ``depth`` is the
+most the step could accept (a chain's length, a tree's deepest level). alpha = accepted / drafted tokens; tau = (accepted + bonus) / verification
 steps (bonus included, as vLLM reports it). Per-position acceptance is by depth: position i (the i-th
 token after the root on the accepted path) was tried by every step whose draft reached depth i + 1 and
 kept by those that accepted more than i tokens; for a tree, a node index would mean nothing.
@@ -11,14 +10,16 @@ kept by those that accepted more than i tokens; for a tree, a node index would m
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-Step = Sequence[float]
+from decodelab.decoding.types import StepRecord
+
+# A step as the engine emits it, or in its on-disk list form.
+Step = Union[StepRecord, Sequence[float]]
 
 
-def step_depth(step: Step) -> int:
-    """The draft's depth (the most tokens the step could accept); a five-element record is a chain."""
-    return int(step[5]) if len(step) > 5 else int(step[0])
+def as_step(step: Step) -> StepRecord:
+    return step if isinstance(step, StepRecord) else StepRecord.from_list(step)
 
 
 def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
@@ -27,11 +28,11 @@ def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
     ``mean_draft_length`` is drafted tokens per step (a tree's nodes: what verification pays for);
     ``mean_draft_depth`` is the longest acceptable run per step (equal for chains).
     """
-    steps = list(steps)
-    drafted = sum(int(s[0]) for s in steps)
-    accepted = sum(int(s[1]) for s in steps)
-    bonus = sum(int(s[2]) for s in steps)
-    depths = [step_depth(s) for s in steps]
+    steps = [as_step(s) for s in steps]
+    drafted = sum(s.drafted for s in steps)
+    accepted = sum(s.accepted for s in steps)
+    bonus = sum(s.bonus for s in steps)
+    depths = [s.depth for s in steps]
     longest = max(depths, default=0)
     tried = [0] * longest
     kept = [0] * longest
@@ -39,8 +40,8 @@ def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
     for step, depth in zip(steps, depths):
         for position in range(depth):
             tried[position] += 1
-            kept[position] += position < int(step[1])
-        histogram[int(step[1])] += 1
+            kept[position] += position < step.accepted
+        histogram[step.accepted] += 1
     stats: Dict[str, object] = {
         "verify_steps": len(steps),
         "drafted_tokens": drafted,
@@ -48,8 +49,8 @@ def acceptance_stats(steps: Iterable[Step]) -> Dict[str, object]:
         "mean_accepted_length": (accepted + bonus) / len(steps) if steps else 0.0,
         "mean_draft_length": drafted / len(steps) if steps else 0.0,
         "mean_draft_depth": sum(depths) / len(steps) if steps else 0.0,
-        "draft_s": sum(float(s[3]) for s in steps),
-        "verify_s": sum(float(s[4]) for s in steps),
+        "draft_s": sum(s.draft_s for s in steps),
+        "verify_s": sum(s.verify_s for s in steps),
         "accepted_histogram": histogram,
         "per_position_acceptance": [k / t if t else 0.0 for k, t in zip(kept, tried)],
     }
@@ -103,5 +104,6 @@ def flat_metrics(stats: Dict[str, object]) -> Dict[str, float]:
     return out
 
 
-def merge_steps(samples: Iterable[dict]) -> List[Step]:
-    return [step for sample in samples for step in sample.get("steps", [])]
+def merge_steps(samples: Iterable[dict]) -> List[StepRecord]:
+    """Every step of the recorded ``samples`` (run records with a ``steps`` list), typed."""
+    return [StepRecord.from_list(step) for sample in samples for step in sample.get("steps", [])]

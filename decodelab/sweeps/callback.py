@@ -1,6 +1,6 @@
 """Hydra callback for multiruns: one MLflow parent run and one W&B group per sweep, and a sweep summary.
 
-Known pains of Hydra sweeps that this avoids (../shared/DESIGN.md §6): MLflow parent runs do not cross
+Known pains of Hydra sweeps that this avoids: MLflow parent runs do not cross
 processes (the parent is created here, when the multirun starts, and its id is written to
 ``<sweep_dir>/sweep.json`` and the environment, so jobs in any launcher's processes log as children),
 and W&B runs merge (each job finishes its own run; the sweep only names their group).
@@ -19,14 +19,12 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from decodelab.tracking.sweep_folder import REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
+from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV, REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
 from decodelab.tracking.run_folder import plain, read_json, write_json
 from decodelab.tracking.mlflow_remote import PARENT_RUN_ENV
 from decodelab.tracking.wandb_remote import GROUP_ENV as WANDB_GROUP_ENV
 
 SWEEP_NAME_ENV = "DECODELAB_SWEEP_NAME"
-# The sweep folder a job belongs to: scopes the AR baseline's timings to the sweep (decodelab/runner.py).
-SWEEP_DIR_ENV = "DECODELAB_SWEEP_DIR"
 # The sweep folder of the multirun that ran last in this process (the CLI reads its summary for the exit code).
 LAST_SWEEP: Dict[str, Optional[Path]] = {"dir": None}
 # Job statuses that make a sweep's command fail (REUSED and FINISHED jobs have results).

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import List
 
 from decodelab.errors import UserError
-from decodelab.sweeps.callback import SWEEP_NAME_ENV
 
 
 def sweeps_dir() -> Path:
@@ -43,21 +42,3 @@ def hydra_args(name: str, overrides: List[str]) -> List[str]:
         raise UserError(f"DECODELAB_SWEEPS_DIR: the folder must be named 'sweeps', got {folder}")
     return (["-m", f"+sweeps={name}"] + [f"{k}={v}" for k, v in defaults.items() if k not in given]
             + list(overrides))
-
-
-def cli(args: List[str]) -> None:
-    from decodelab.cli import _run
-
-    names = available()
-    if not args or "=" in args[0] or args[0].startswith("-"):
-        raise UserError(f"sweep needs a NAME first; available: {', '.join(names)}")
-    name, overrides = args[0], args[1:]
-    if name not in names:
-        raise UserError(f"sweep {name!r}: no sweeps/{name}.yaml; available: {', '.join(names)}")
-    if "-m" in overrides or "--multirun" in overrides:
-        overrides = [o for o in overrides if o not in ("-m", "--multirun")]
-    os.environ[SWEEP_NAME_ENV] = name
-    try:
-        _run(hydra_args(name, overrides))
-    finally:
-        os.environ.pop(SWEEP_NAME_ENV, None)

@@ -1,4 +1,4 @@
-"""Tasks: turn a TaskConfig into the list of prompts a run decodes.
+"""Tasks: turn a TaskConfig into the list of prompts a run decodes (sources: decodelab/tasks/registry.py).
 
 Every source yields ``Prompt`` objects; selection (categories, shuffle, limit, max_turns) is applied here,
 in that order, so it behaves the same for every source.
@@ -8,31 +8,23 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from typing import Callable, Dict, List
+from typing import List
 
 from decodelab.config import TaskConfig
 from decodelab.errors import ConfigError, check
 from decodelab.tasks.base import Prompt
-from decodelab.tasks.humaneval import load_humaneval
-from decodelab.tasks.jsonl import load_jsonl
-from decodelab.tasks.mtbench import load_mtbench
-from decodelab.tasks.specbench_mini import load_specbench_mini
 
 __all__ = ["Prompt", "load_task", "select"]
 
-_SOURCES: Dict[str, Callable[[TaskConfig], List[Prompt]]] = {
-    "specbench_mini": lambda cfg: load_specbench_mini(),
-    "mtbench": lambda cfg: load_mtbench(),
-    "humaneval": lambda cfg: load_humaneval(),
-    "jsonl": lambda cfg: load_jsonl(cfg.path or ""),
-}
 
 
 def load_task(cfg: TaskConfig) -> List[Prompt]:
     """Load the prompts of ``cfg.source`` and apply the config's selection."""
-    loader = _SOURCES.get(cfg.source)
+    from decodelab.tasks.registry import SOURCES
+
+    loader = SOURCES.get(cfg.source)
     if loader is None:
-        raise ConfigError("task.source", f"got {cfg.source!r}, allowed: {', '.join(_SOURCES)}")
+        raise ConfigError("task.source", f"got {cfg.source!r}, allowed: {', '.join(SOURCES)}")
     return select(loader(cfg), cfg)
 
 

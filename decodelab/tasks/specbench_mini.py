@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+from decodelab.config import TaskConfig
 from decodelab.tasks.base import Prompt
 from decodelab.tasks.jsonl import load_jsonl
 
+SOURCE = "specbench_mini"
 DATA_FILE = Path(__file__).resolve().parent / "data" / "specbench_mini.jsonl"
 CATEGORIES = ("conversation", "translation", "summarization", "qa", "math_reasoning", "rag")
 
@@ -20,3 +22,7 @@ CATEGORIES = ("conversation", "translation", "summarization", "qa", "math_reason
 def load_specbench_mini() -> List[Prompt]:
     """Load the packaged file with the same loader users' files go through."""
     return load_jsonl(DATA_FILE, key="task.source=specbench_mini")
+
+
+def load(cfg: TaskConfig) -> List[Prompt]:
+    return load_specbench_mini()

@@ -19,6 +19,9 @@ from typing import Any, Dict, List
 SWEEP_FILE = "sweep.json"
 SWEEP_SUMMARY_FILE = "sweep_summary.json"
 REUSED_FILE = "reused.json"
+# The sweep folder a job belongs to, set for every job of a multirun: it scopes the AR baseline's timings to
+# the sweep (decodelab/experiment/runner.py).
+SWEEP_DIR_ENV = "DECODELAB_SWEEP_DIR"
 
 
 def read_sweep_meta(sweep_dir: Path) -> Dict[str, Any]:

@@ -1,0 +1,34 @@
+"""``decodelab reproduce RUN [overrides]``: re-run a run folder or MLflow run and compare (decodelab/analysis/reproduce.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Tuple
+
+from decodelab.analysis.reproduce import reproduce
+from decodelab.cli.args import Command, parse
+from decodelab.config import DEFAULT_TRACKING_URI
+from decodelab.errors import UserError
+
+USAGE = ("usage: decodelab reproduce RUN [--out DIR] [--tracking-uri URI] [overrides]\n"
+         f"  RUN: a run folder or an MLflow run id (found in --tracking-uri, default {DEFAULT_TRACKING_URI})\n"
+         "  overrides: key=value on top of the logged config, e.g. logger=none task.limit=2")
+COMMAND = Command("reproduce", "RUN", {"--out": "DIR", "--tracking-uri": "URI"}, overrides=True, usage=USAGE)
+
+
+def parse_args(args: List[str]) -> Tuple[str, Optional[str], str, List[str]]:
+    """RUN, --out, --tracking-uri and the overrides."""
+    parsed = parse(COMMAND, args)
+    if parsed is None:
+        raise UserError(USAGE)
+    return parsed.source, parsed.value("--out"), parsed.value("--tracking-uri", DEFAULT_TRACKING_URI), parsed.overrides
+
+
+def cli(args: List[str]) -> None:
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    source, out_dir, tracking_uri, overrides = parse_args(args)
+    result = reproduce(source, out_dir, overrides, tracking_uri=tracking_uri)
+    if not result["ok"]:
+        sys.exit(1)
