@@ -67,7 +67,7 @@ class LMAdapter:
         if len(parents) != len(tokens) - 1:
             raise ValueError(f"forward_tree needs the root plus one token per parent: {len(tokens)} tokens, "
                              f"{len(parents)} parents")
-        self._check_tree_support()
+        self.check_tree_support()
         past = len(self.tokens)
         dtype = next(self.model.parameters()).dtype
         out = self.model(input_ids=torch.tensor([list(tokens)], dtype=torch.long, device=self.device),
@@ -76,6 +76,40 @@ class LMAdapter:
                          past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.tokens.extend(tokens)
+        self.forwards += 1
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def forward_level(self, tokens: Sequence[int], parents: Sequence[int], base: int, cached: Sequence[int],
+                      nodes: Sequence[int]) -> torch.Tensor:
+        """Grow a tree one level: run ``nodes`` (their ancestors all cached) in one forward; logits [len(nodes), vocab].
+
+        The cache holds ``base`` context tokens (the last one is the tree's root) and then the tree nodes
+        ``cached`` in that order. :meth:`forward_tree` runs a whole tree after a plain cache; a tree grown a
+        level per forward needs rows that see the context, their own ancestors among the cached nodes (not
+        their cousins) and themselves, at position root + depth, so each row's logits are those of its path
+        run as a chain. The nodes are appended to the cache.
+        """
+        self.check_tree_support()
+        nodes = list(nodes)
+        past = len(self.tokens)
+        if past != base + len(cached):
+            raise RuntimeError(f"the cache holds {past} tokens, the growing tree expects {base} + {len(cached)}")
+        lineage = tree.ancestry(parents)
+        rows = torch.tensor([tree.row(n) for n in nodes])
+        cols = torch.tensor([tree.row(n) for n in list(cached) + nodes])
+        allowed = torch.ones(len(nodes), past + len(nodes), dtype=torch.bool)
+        allowed[:, base:] = lineage[rows][:, cols]
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        depths = tree.depths(parents)
+        ids = [tokens[n] for n in nodes]
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                         attention_mask=mask[None, None].to(self.device),
+                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device),
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.tokens.extend(ids)
         self.forwards += 1
         return out.logits[0].float()
 
@@ -102,7 +136,7 @@ class LMAdapter:
         self.crop(len(indices))
         self.tokens = kept
 
-    def _check_tree_support(self) -> None:
+    def check_tree_support(self) -> None:
         """Tree masks need a 4-D-mask attention and a cache whose positions are all the sequence's positions."""
         impl = getattr(self.model.config, "_attn_implementation", "eager")
         if impl not in TREE_ATTENTION:

@@ -252,37 +252,10 @@ class GrowingTree:
 
 @torch.inference_mode()
 def forward_tree_level(lm: LMAdapter, grown: GrowingTree, nodes: Sequence[int]) -> torch.Tensor:
-    """Run ``nodes`` of ``grown`` (their ancestors all cached) in one forward; logits [len(nodes), vocab].
-
-    :meth:`LMAdapter.forward_tree` runs a whole tree after a plain cache. Growing a tree one level per
-    forward needs rows that see the context, their own ancestors among the cached nodes (not their
-    cousins) and themselves, at position root + depth: each row's logits are those of its path run as
-    a chain. The nodes are appended to the cache and to ``grown.cached``.
-    """
-    lm._check_tree_support()
-    nodes = list(nodes)
-    past = len(lm.tokens)
-    if past != grown.base + len(grown.cached):
-        raise RuntimeError(f"the draft cache holds {past} tokens, the growing tree expects "
-                           f"{grown.base} + {len(grown.cached)}")
-    lineage = tree.ancestry(grown.parents)
-    rows = torch.tensor([tree.row(n) for n in nodes])
-    cols = torch.tensor([tree.row(n) for n in grown.cached + nodes])
-    allowed = torch.ones(len(nodes), past + len(nodes), dtype=torch.bool)
-    allowed[:, grown.base:] = lineage[rows][:, cols]
-    dtype = next(lm.model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    depths = tree.depths(grown.parents)
-    ids = [grown.tokens[n] for n in nodes]
-    out = lm.model(input_ids=torch.tensor([ids], dtype=torch.long, device=lm.device),
-                   attention_mask=mask[None, None].to(lm.device),
-                   position_ids=torch.tensor([[grown.base - 1 + depths[n] for n in nodes]], device=lm.device),
-                   past_key_values=lm.cache, use_cache=True)
-    lm.cache = out.past_key_values
-    lm.tokens.extend(ids)
-    lm.forwards += 1
+    """Run the next level ``nodes`` of ``grown`` through the draft model; logits [len(nodes), vocab]."""
+    logits = lm.forward_level(grown.tokens, grown.parents, grown.base, grown.cached, nodes)
     grown.cached.extend(nodes)
-    return out.logits[0].float()
+    return logits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,7 +441,7 @@ class DraftModelDrafter(ChainDrafter):
 def check_tree_support(lm: LMAdapter, who: str) -> None:
     """drafter.branching > 1 needs tree attention in both models (4-D masks, no sliding-window layers)."""
     try:
-        lm._check_tree_support()
+        lm.check_tree_support()
     except NotImplementedError as err:
         raise ConfigError("drafter.branching", f"a token tree needs tree attention in the {who}: {err}; "
                           "use drafter.branching=1 (a chain)") from None

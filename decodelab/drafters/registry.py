@@ -17,9 +17,12 @@ from decodelab.config import DrafterConfig
 from decodelab.drafters.base import Drafter
 from decodelab.errors import ConfigError, UserError, one_line
 
+REGISTRY: Dict[str, Type[Drafter]] = {}
 
 
-def _discover() -> Dict[str, Type[Drafter]]:
+def discover() -> Dict[str, Type[Drafter]]:
+    """(Re)fill REGISTRY from every module on ``decodelab.drafters.__path__`` (a folder appended to that path
+    adds its drafters too); updated in place, so every importer of REGISTRY sees the same drafters."""
     found: Dict[str, Type[Drafter]] = {}
     for module_info in pkgutil.iter_modules(drafters_package.__path__):
         module = importlib.import_module(f"{drafters_package.__name__}.{module_info.name}")
@@ -27,10 +30,12 @@ def _discover() -> Dict[str, Type[Drafter]]:
             if isinstance(value, type) and issubclass(value, Drafter) and value.__module__ == module.__name__ \
                     and getattr(value, "name", None):
                 found[value.name] = value
-    return dict(sorted(found.items()))
+    REGISTRY.clear()
+    REGISTRY.update(sorted(found.items()))
+    return REGISTRY
 
 
-REGISTRY: Dict[str, Type[Drafter]] = _discover()
+discover()
 
 
 def drafter_config(node: Any) -> DrafterConfig:

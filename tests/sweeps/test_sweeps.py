@@ -17,7 +17,7 @@ from decodelab.tracking.sweep_folder import SWEEP_SUMMARY_FILE, job_dirs, read_s
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).with_name("decodelab"))
 TINY = ["model=tiny-random", "task.limit=1", "task.max_new_tokens=6", "progress=false", "print_table=false",
         "backend.threads=1"]

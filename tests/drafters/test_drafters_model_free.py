@@ -18,8 +18,9 @@ from decodelab.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie
 from decodelab.decoding.engine import decode
 from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
-from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
+from tests.helpers.decoding import assert_bad_value_is_named, encode_chat
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,11 +331,7 @@ def test_registered_with_yaml_defaults():
     ("drafter.num_speculative_tokens=0", "drafter.num_speculative_tokens"),
 ])
 def test_pld_bad_values_name_the_key(override, key):
-    from decodelab.experiment.compose import compose, validate
-
-    cfg = compose(["drafter=prompt_lookup", override, "logger=none"])
-    with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        validate(cfg)
+    assert_bad_value_is_named("prompt_lookup", override, key)
 
 
 @pytest.mark.parametrize("override,key", [
@@ -344,11 +341,7 @@ def test_pld_bad_values_name_the_key(override, key):
     ("drafter.max_spec_tokens=0", "drafter.max_spec_tokens"),
 ])
 def test_suffix_bad_values_name_the_key(override, key):
-    from decodelab.experiment.compose import compose, validate
-
-    cfg = compose(["drafter=suffix", override, "logger=none"])
-    with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        validate(cfg)
+    assert_bad_value_is_named("suffix", override, key)
 
 
 def test_cli_compose_rejects_bad_ngram_size():
@@ -368,10 +361,6 @@ TINY_PROMPTS = [
 ]
 
 
-def _encode(tokenizer, text):
-    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
-
-
 def _decode(loaded, ids, drafter, max_new_tokens):
     stop = StopCriteria(loaded.tokenizer, eos_ids(loaded), [], max_new_tokens)
     return decode(LMAdapter(loaded.model), ids, pipeline=LogitsPipeline(StrategyConfig()), drafter=drafter,
@@ -383,7 +372,7 @@ def test_tiny_greedy_identical_to_ar(tiny_loaded, name):
     drafter = build_drafter(drafter_config({"name": name}), target=None, loaded=tiny_loaded)
     accepted = drafted = 0
     for text in TINY_PROMPTS:  # one drafter over all prompts: the suffix global trie carries over
-        ids = _encode(tiny_loaded.tokenizer, text)
+        ids = encode_chat(tiny_loaded.tokenizer, text)
         reference = _decode(tiny_loaded, ids, NoDrafter(DrafterConfig()), 40)
         ours = _decode(tiny_loaded, ids, drafter, 40)
         assert ours.tokens == reference.tokens, text
@@ -397,7 +386,7 @@ def test_tiny_greedy_identical_to_ar(tiny_loaded, name):
 
 def test_tiny_prompt_lookup_accepts_on_copy_prompt(tiny_loaded):
     text = TINY_PROMPTS[1]
-    ids = _encode(tiny_loaded.tokenizer, text)
+    ids = encode_chat(tiny_loaded.tokenizer, text)
     gen = _decode(tiny_loaded, ids, PromptLookupDrafter(PromptLookupConfig()), 40)
     assert any(s.accepted > 0 for s in gen.steps)
     assert len(gen.steps) < len(gen.tokens) - 1  # fewer target forwards than plain decoding
@@ -411,7 +400,7 @@ def test_smollm2_summarization_identical_to_ar(smollm2_loaded, capsys):
     prompts = load_task(TaskConfig(name="specbench-mini", source="specbench_mini",
                                    categories=["summarization"], limit=2))
     assert len(prompts) == 2
-    ids = [_encode(smollm2_loaded.tokenizer, p.turns[0]) for p in prompts]
+    ids = [encode_chat(smollm2_loaded.tokenizer, p.turns[0]) for p in prompts]
     reference = [_decode(smollm2_loaded, x, NoDrafter(DrafterConfig()), 48).tokens for x in ids]
     for name in ("prompt_lookup", "suffix"):
         drafter = build_drafter(drafter_config({"name": name}), target=None, loaded=smollm2_loaded)

@@ -13,8 +13,9 @@ from decodelab.drafters.base import Drafter
 from decodelab.drafters.none import NoDrafter
 from decodelab.decoding.engine import decode
 from decodelab.decoding.stop import StopCriteria
-from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
+from tests.helpers.decoding import encode_chat
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,10 +27,6 @@ PROMPTS = [
 ]
 
 
-
-
-def _encode(tokenizer, text):
-    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def _ours(loaded, ids, max_new_tokens, strategy=None, seed=0):
@@ -50,7 +47,7 @@ def _reference(loaded, ids, max_new_tokens):
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_greedy_matches_generate_tiny(tiny_loaded, text):
-    ids = _encode(tiny_loaded.tokenizer, text)
+    ids = encode_chat(tiny_loaded.tokenizer, text)
     ours = _ours(tiny_loaded, ids, 40)
     assert ours.tokens == _reference(tiny_loaded, ids, 40)
     assert len(ours.tokens) == 40 or ours.stop_reason == "eos"
@@ -59,14 +56,14 @@ def test_greedy_matches_generate_tiny(tiny_loaded, text):
 @pytest.mark.slow
 @pytest.mark.parametrize("text", PROMPTS)
 def test_greedy_matches_generate_smollm2(smollm2_loaded, text):
-    ids = _encode(smollm2_loaded.tokenizer, text)
+    ids = encode_chat(smollm2_loaded.tokenizer, text)
     ours = _ours(smollm2_loaded, ids, 48)
     assert ours.tokens == _reference(smollm2_loaded, ids, 48)
     assert ours.ttft_s > 0 and ours.wall_s >= ours.ttft_s
 
 
 def test_fixed_seed_reproduces_sample(tiny_loaded):
-    ids = _encode(tiny_loaded.tokenizer, PROMPTS[0])
+    ids = encode_chat(tiny_loaded.tokenizer, PROMPTS[0])
     strategy = StrategyConfig(name="sample", do_sample=True, temperature=1.0, top_p=0.95)
     first = _ours(tiny_loaded, ids, 24, strategy, seed=7).tokens
     assert _ours(tiny_loaded, ids, 24, strategy, seed=7).tokens == first
@@ -74,7 +71,7 @@ def test_fixed_seed_reproduces_sample(tiny_loaded):
 
 
 def test_max_new_tokens_and_steps(tiny_loaded):
-    ids = _encode(tiny_loaded.tokenizer, PROMPTS[1])
+    ids = encode_chat(tiny_loaded.tokenizer, PROMPTS[1])
     gen = _ours(tiny_loaded, ids, 5)
     assert len(gen.tokens) <= 5
     # first token comes from prefill; each later token from one single-token step.
@@ -84,7 +81,7 @@ def test_max_new_tokens_and_steps(tiny_loaded):
 
 def test_stop_string_cuts_generation(tiny_loaded):
     tokenizer = tiny_loaded.tokenizer
-    ids = _encode(tokenizer, PROMPTS[2])
+    ids = encode_chat(tokenizer, PROMPTS[2])
     full = _ours(tiny_loaded, ids, 30).tokens
     text = tokenizer.decode(full, skip_special_tokens=True)
     stop_at = text[3:5]
@@ -98,7 +95,7 @@ def test_stop_string_cuts_generation(tiny_loaded):
 
 def test_prefill_reuses_cached_prefix(tiny_loaded):
     adapter = LMAdapter(tiny_loaded.model)
-    ids = _encode(tiny_loaded.tokenizer, PROMPTS[0])
+    ids = encode_chat(tiny_loaded.tokenizer, PROMPTS[0])
     fresh = adapter.prefill(ids)
     adapter.forward([5, 6, 7])
     again = adapter.prefill(ids + [9])  # shares the prompt with the cache, diverges after it
@@ -163,7 +160,7 @@ def _decode_with(loaded, ids, drafter, max_new_tokens=40, strategy=None, seed=0)
 
 @pytest.fixture(scope="module")
 def greedy_reference(tiny_loaded):
-    ids = _encode(tiny_loaded.tokenizer, PROMPTS[0])
+    ids = encode_chat(tiny_loaded.tokenizer, PROMPTS[0])
     return ids, _ours(tiny_loaded, ids, 40).tokens
 
 

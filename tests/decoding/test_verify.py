@@ -21,6 +21,7 @@ from decodelab.decoding.types import Draft
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.decoding.types import Verdict
 from decodelab.decoding.verify import residual, speculative_sampling, tree_speculative_sampling, typical_threshold, verify
+from tests.helpers.statistics import assert_follows, chi_square_pvalue, token_counts
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,36 +41,6 @@ PIPELINES = {
 
 def _logits(seed: int, rows: int, vocab: int = VOCAB, scale: float = 2.0) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-def _counts(samples: Sequence[int], bins: int) -> torch.Tensor:
-    return torch.bincount(torch.tensor(list(samples)), minlength=bins).double()
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test of ``counts`` against ``probs``; bins expected below 5 draws are pooled.
-
-    Tokens with probability 0 must never appear (asserted here): that is where a filter mismatch
-    between plain sampling and verification would show first.
-    """
-    counts, probs = counts.double().flatten(), probs.double().flatten()
-    assert counts[probs == 0].sum() == 0, "emitted a token the target distribution removed"
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    dof = torch.tensor((len(obs) - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(dof, stat / 2))
-
-
-def assert_follows(samples: Sequence[int], probs: torch.Tensor, max_tv: float = 0.03) -> None:
-    counts = _counts(samples, probs.numel())
-    pvalue = chi_square_pvalue(counts, probs)
-    tv = 0.5 * float((counts / counts.sum() - probs.double().flatten()).abs().sum())
-    assert pvalue > 1e-3 and tv < max_tv, f"p-value {pvalue:.2e}, TV {tv:.4f}"
 
 
 def _first(verdict: Verdict) -> int:
@@ -158,7 +129,7 @@ def test_statistical_check_catches_a_wrong_residual(monkeypatch):
     g = torch.Generator().manual_seed(3)
     drafts = torch.multinomial(q[0], 4000, replacement=True, generator=g).tolist()
     out = [_first(speculative_sampling([x], p, q, g)) for x in drafts]
-    assert chi_square_pvalue(_counts(out, VOCAB), p[0]) < 1e-3
+    assert chi_square_pvalue(token_counts(out, VOCAB), p[0]) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------

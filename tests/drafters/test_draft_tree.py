@@ -23,8 +23,9 @@ from decodelab.decoding.engine import verify_step
 from decodelab.errors import ConfigError
 from decodelab.models.loading import LoadedModel
 from decodelab.decoding.logits import LogitsPipeline
-from test_drafters_model import PROMPTS, _ar, _decode, _draft_model, _drafter, _encode, _tiny
-from test_verify import _counts, assert_follows, chi_square_pvalue
+from tests.helpers.decoding import encode_chat
+from tests.helpers.drafters import PROMPTS, ar_tokens, decode_with, draft_model_node, make_drafter, tiny_model
+from tests.helpers.statistics import assert_follows, chi_square_pvalue, token_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +43,7 @@ def noisy(loaded: LoadedModel, scale: float, seed: int = 0) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def target():
-    return _tiny(num_layers=4, init_seed=0)
+    return tiny_model(num_layers=4, init_seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +59,12 @@ def _ar_cached(loaded, ids, max_new_tokens=40):
     """Plain decoding of ``ids``, once per model, prompt and budget."""
     key = (id(loaded), tuple(ids), max_new_tokens)
     if key not in _AR:
-        _AR[key] = _ar(loaded, ids, max_new_tokens)
+        _AR[key] = ar_tokens(loaded, ids, max_new_tokens)
     return _AR[key]
 
 
 def _tree(branching, k, **fields):
-    return _draft_model(branching=branching, length={"k": k, **fields.pop("length", {})}, **fields)
+    return draft_model_node(branching=branching, length={"k": k, **fields.pop("length", {})}, **fields)
 
 
 # --- greedy: lossless, shape, cost, cache ----------------------------------------------------------
@@ -72,26 +73,26 @@ def _tree(branching, k, **fields):
 @pytest.mark.parametrize("branching", [2, 4])
 @pytest.mark.parametrize("text", PROMPTS)
 def test_greedy_tree_is_lossless(target, near, text, branching, k):
-    ids = _encode(target.tokenizer, text)
-    gen = _decode(target, ids, _drafter(target, _tree(branching, k), draft=near))
+    ids = encode_chat(target.tokenizer, text)
+    gen = decode_with(target, ids, make_drafter(target, _tree(branching, k), draft=near))
     assert gen.tokens == _ar_cached(target, ids)
     assert all(s.depth <= k and s.depth <= s.drafted <= branching * k for s in gen.steps)
     assert all(s.accepted <= s.depth for s in gen.steps)
 
 
 def test_greedy_tree_with_an_unrelated_draft_is_lossless(target):
-    ids = _encode(target.tokenizer, PROMPTS[1])
+    ids = encode_chat(target.tokenizer, PROMPTS[1])
     other = {"num_layers": 1, "hidden_size": 32, "init_seed": 1}
-    gen = _decode(target, ids, _drafter(target, _draft_model(other, branching=3, length={"k": 3})))
+    gen = decode_with(target, ids, make_drafter(target, draft_model_node(other, branching=3, length={"k": 3})))
     assert gen.tokens == _ar_cached(target, ids)
 
 
 def test_branches_beat_the_chain_where_the_first_guess_fails(target, near):
     """Same draft model, same prompt: branching=4 accepts far more than the chain (fixed seeds, deterministic)."""
-    ids = _encode(target.tokenizer, PROMPTS[1])
+    ids = encode_chat(target.tokenizer, PROMPTS[1])
     accepted = {}
     for branching in (1, 4):
-        gen = _decode(target, ids, _drafter(target, _tree(branching, 4), draft=near), 60)
+        gen = decode_with(target, ids, make_drafter(target, _tree(branching, 4), draft=near), 60)
         assert gen.tokens == _ar_cached(target, ids, 60)
         accepted[branching] = sum(s.accepted for s in gen.steps)
     assert accepted[4] >= accepted[1] + 10
@@ -99,8 +100,8 @@ def test_branches_beat_the_chain_where_the_first_guess_fails(target, near):
 
 @pytest.mark.parametrize("branching", [2, 4])
 def test_target_as_its_own_draft_accepts_every_level(target, branching):
-    ids = _encode(target.tokenizer, PROMPTS[0])
-    gen = _decode(target, ids, _drafter(target, _tree(branching, 4), draft=target))
+    ids = encode_chat(target.tokenizer, PROMPTS[0])
+    gen = decode_with(target, ids, make_drafter(target, _tree(branching, 4), draft=target))
     assert gen.tokens == _ar_cached(target, ids)
     assert gen.steps and all(s.accepted == s.depth > 0 for s in gen.steps)
     assert all(s.depth == 4 and s.drafted == 4 * branching for s in gen.steps[:-1])
@@ -111,8 +112,8 @@ def test_target_as_its_own_draft_accepts_every_level(target, branching):
 def test_tree_levels_are_top_k_and_branches_are_plain_greedy_chains(target, near):
     """Every branch equals the draft model's greedy continuation of its first token run without a cache
     (so the draft's tree attention, positions and level-by-level cache are right), branch 0 is the chain."""
-    context = _encode(target.tokenizer, PROMPTS[1])
-    drafter = _drafter(target, _tree(3, 4), draft=near)
+    context = encode_chat(target.tokenizer, PROMPTS[1])
+    drafter = make_drafter(target, _tree(3, 4), draft=near)
     draft = drafter.propose(context)
     assert draft.parents == [-1, -1, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8] and draft.forwards == 4
     with torch.no_grad():
@@ -123,7 +124,7 @@ def test_tree_levels_are_top_k_and_branches_are_plain_greedy_chains(target, near
         with torch.no_grad():
             logits = near.model(torch.tensor([context + path[:-1]])).logits[0, len(context):]
         assert path[1:] == logits.argmax(-1).tolist()
-    chain = _drafter(target, _tree(1, 4), draft=near).propose(context)
+    chain = make_drafter(target, _tree(1, 4), draft=near).propose(context)
     assert chain.tokens == [draft.tokens[i] for i in tree.path_to(draft.parents, 9)]
     assert draft.probs.shape == (12, target.model.config.vocab_size)
 
@@ -131,8 +132,8 @@ def test_tree_levels_are_top_k_and_branches_are_plain_greedy_chains(target, near
 def test_draft_cache_keeps_only_the_accepted_path(target, near):
     """After each step the draft cache is the context plus the accepted path (keys/values as a fresh prefill
     would give: the next tree equals a fresh drafter's), and only the bonus (and an accepted leaf) is re-run."""
-    ids = _encode(target.tokenizer, PROMPTS[1])
-    drafter = _drafter(target, _tree(3, 3), draft=near)
+    ids = encode_chat(target.tokenizer, PROMPTS[1])
+    drafter = make_drafter(target, _tree(3, 3), draft=near)
     fed = []
     forward = drafter.lm.forward
     drafter.lm.forward = lambda new, last_only=False: (fed.append(len(new)), forward(new, last_only))[1]
@@ -143,13 +144,13 @@ def test_draft_cache_keeps_only_the_accepted_path(target, near):
         draft = propose(context)
         assert drafter.lm.tokens[:len(context)] == list(context)
         if len(checked) < 6:
-            fresh = _drafter(target, _tree(3, 3), draft=near).propose(context)
+            fresh = make_drafter(target, _tree(3, 3), draft=near).propose(context)
             assert (fresh.tokens, fresh.parents) == (draft.tokens, draft.parents)
             checked.append(len(context))
         return draft
 
     drafter.propose = checked_propose
-    gen = _decode(target, ids, drafter, 40)
+    gen = decode_with(target, ids, drafter, 40)
     assert gen.tokens == _ar_cached(target, ids)
     assert any(s.accepted >= 2 for s in gen.steps)  # paths through the cached tree were kept
     assert fed[0] == len(ids) + 1 and max(fed[1:]) <= 2
@@ -157,17 +158,17 @@ def test_draft_cache_keeps_only_the_accepted_path(target, near):
 
 
 def test_heuristic_length_counts_depth_not_nodes(target):
-    ids = _encode(target.tokenizer, PROMPTS[1])
-    drafter = _drafter(target, _tree(2, 2, length={"policy": "heuristic", "k_max": 8}), draft=target)
-    gen = _decode(target, ids, drafter, 60)
+    ids = encode_chat(target.tokenizer, PROMPTS[1])
+    drafter = make_drafter(target, _tree(2, 2, length={"policy": "heuristic", "k_max": 8}), draft=target)
+    gen = decode_with(target, ids, drafter, 60)
     assert [s.depth for s in gen.steps][:4] == [2, 4, 6, 8]
     assert [s.drafted for s in gen.steps][:4] == [4, 8, 12, 16]
 
 
 def test_confidence_policy_stops_each_branch(target, near):
-    ids = _encode(target.tokenizer, PROMPTS[0])
+    ids = encode_chat(target.tokenizer, PROMPTS[0])
     node = _tree(3, 4, length={"policy": "confidence", "k_max": 5, "threshold": 0.5})
-    gen = _decode(target, ids, _drafter(target, node, draft=near))
+    gen = decode_with(target, ids, make_drafter(target, node, draft=near))
     assert gen.tokens == _ar_cached(target, ids)
     assert all(s.depth <= 5 for s in gen.steps)
 
@@ -182,7 +183,7 @@ def _emitted(target, draft, context, draws, drafter_hook=None):
     """Tokens emitted by ``draws`` verification steps at one context (drafter and verifier seeded once), the
     target distribution there and the mean accepted count. Trees of 3 branches, 2 deep."""
     pipeline = LogitsPipeline(SAMPLE)
-    drafter = _drafter(target, _tree(3, 2), pipeline=pipeline, draft=draft)
+    drafter = make_drafter(target, _tree(3, 2), pipeline=pipeline, draft=draft)
     if drafter_hook:
         drafter_hook(drafter, pipeline)
     drafter.reset(context)
@@ -204,13 +205,13 @@ def _emitted(target, draft, context, draws, drafter_hook=None):
 @pytest.fixture(scope="module")
 def small_pair():
     """One-layer target and a noisy copy: 5 ms per verified tree, and draft/target TV about 0.2 at the context."""
-    small = _tiny(num_layers=1, init_seed=0)
+    small = tiny_model(num_layers=1, init_seed=0)
     return small, noisy(small, 0.2)
 
 
 def test_sampled_tree_follows_the_target(small_pair):
     small, draft = small_pair
-    context = _encode(small.tokenizer, PROMPTS[1])
+    context = encode_chat(small.tokenizer, PROMPTS[1])
     out, p1, accepted, pipeline = _emitted(small, draft, context, DRAWS)
     assert 0.5 < accepted < 1.5  # drafts are accepted and rejected: both branches of the rule run
     assert_follows([tokens[0] for tokens in out], p1, max_tv=0.06)
@@ -239,17 +240,17 @@ def test_statistical_check_catches_draft_probs_on_top_k_candidates(small_pair):
 
         drafter._candidates = candidates
 
-    context = _encode(small.tokenizer, PROMPTS[1])
+    context = encode_chat(small.tokenizer, PROMPTS[1])
     out, p, _, _ = _emitted(small, draft, context, 1200, wrong_rows)
-    assert chi_square_pvalue(_counts([tokens[0] for tokens in out], p.numel()), p) < 1e-3
+    assert chi_square_pvalue(token_counts([tokens[0] for tokens in out], p.numel()), p) < 1e-3
 
 
 def test_sampling_with_an_exact_draft_accepts_everything_and_is_reproducible(target):
     pipeline = LogitsPipeline(StrategyConfig(name="sample", do_sample=True, temperature=0.8, top_k=50, seed=4))
-    ids = _encode(target.tokenizer, PROMPTS[0])
+    ids = encode_chat(target.tokenizer, PROMPTS[0])
     runs = []
     for _ in range(2):
-        gen = _decode(target, ids, _drafter(target, _tree(3, 4), pipeline=pipeline, draft=target), 48, pipeline)
+        gen = decode_with(target, ids, make_drafter(target, _tree(3, 4), pipeline=pipeline, draft=target), 48, pipeline)
         assert sum(s.accepted for s in gen.steps) >= sum(s.depth for s in gen.steps) - 1
         runs.append(gen.tokens)
     assert runs[0] == runs[1] and (len(runs[0]) == 48 or gen.stop_reason == "eos")
@@ -258,8 +259,8 @@ def test_sampling_with_an_exact_draft_accepts_everything_and_is_reproducible(tar
 # --- config -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("node,message", [
-    (_draft_model(branching=0), r"^drafter.branching: must be in \[1, 64\], got 0$"),
-    (_draft_model(branching=2, retokenize=True), r"^drafter.branching: .*retokenize=true.*must be 1, got 2$"),
+    (draft_model_node(branching=0), r"^drafter.branching: must be in \[1, 64\], got 0$"),
+    (draft_model_node(branching=2, retokenize=True), r"^drafter.branching: .*retokenize=true.*must be 1, got 2$"),
 ])
 def test_bad_branching_is_one_line(node, message):
     with pytest.raises(ConfigError, match=message):
@@ -267,11 +268,11 @@ def test_bad_branching_is_one_line(node, message):
 
 
 def test_branching_needs_tree_attention(target):
-    flex = _tiny(num_layers=1, init_seed=3)
+    flex = tiny_model(num_layers=1, init_seed=3)
     flex.model.config._attn_implementation = "flex_attention"
     with pytest.raises(ConfigError, match="^drafter.branching: .*draft model.*flex_attention.*branching=1"):
-        _drafter(target, _tree(2, 3), draft=flex)
-    _drafter(target, _tree(1, 3), draft=flex)  # a chain needs no tree mask
+        make_drafter(target, _tree(2, 3), draft=flex)
+    make_drafter(target, _tree(1, 3), draft=flex)  # a chain needs no tree mask
 
 
 def test_composed_config_runs_a_tree(tmp_path, monkeypatch):
@@ -314,15 +315,15 @@ def _tau(gen) -> float:
 @pytest.mark.slow
 def test_smollm2_tree_drafts_are_lossless(smollm2_loaded):
     """SmolLM2 drafted by itself (every level accepted) and by its own first 20 of 30 layers, branching=3."""
-    ids = _encode(smollm2_loaded.tokenizer, PROMPTS[0])
-    reference = _ar(smollm2_loaded, ids, 32)
-    gen = _decode(smollm2_loaded, ids, _drafter(smollm2_loaded, _tree(3, 4), draft=smollm2_loaded), 32)
+    ids = encode_chat(smollm2_loaded.tokenizer, PROMPTS[0])
+    reference = ar_tokens(smollm2_loaded, ids, 32)
+    gen = decode_with(smollm2_loaded, ids, make_drafter(smollm2_loaded, _tree(3, 4), draft=smollm2_loaded), 32)
     assert gen.tokens == reference
     assert sum(s.accepted for s in gen.steps) >= 0.9 * sum(s.depth for s in gen.steps)
     shallow = _first_layers(smollm2_loaded, 20)
     taus = {}
     for branching in (1, 3):
-        gen = _decode(smollm2_loaded, ids, _drafter(smollm2_loaded, _tree(branching, 4), draft=shallow), 32)
+        gen = decode_with(smollm2_loaded, ids, make_drafter(smollm2_loaded, _tree(branching, 4), draft=shallow), 32)
         assert gen.tokens == reference
         taus[branching] = _tau(gen)
     print(f"\nsmollm2 drafted by its first 20 layers: tau branching=1 {taus[1]:.2f}, branching=3 {taus[3]:.2f}")

@@ -26,8 +26,9 @@ from decodelab.drafters.token_recycling import (EMPTY, TokenRecyclingConfig, Tok
 from decodelab.decoding.engine import decode
 from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
-from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
+from tests.helpers.decoding import assert_bad_value_is_named, encode_chat
 
 
 
@@ -270,12 +271,8 @@ def test_registered_with_yaml_defaults():
     ("lookahead", "drafter.guess_set_size=0", "drafter.guess_set_size"),
 ])
 def test_bad_values_name_the_key(drafter, override, key):
-    from decodelab.experiment.compose import compose, validate
-
     extra = ["drafter.topk=2", "drafter.depth=3"] if key == "drafter.tree_size" and "20" in override else []
-    cfg = compose([f"drafter={drafter}", override, *extra, "logger=none"])
-    with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        validate(cfg)
+    assert_bad_value_is_named(drafter, override, key, extra)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,10 +286,6 @@ TINY_PROMPTS = [
 # (name, extra config, feed observe): lookahead without observe runs its own lookahead forwards.
 TREE_DRAFTERS = [("token_recycling", {}, True), ("lookahead", {}, True), ("lookahead", {}, False),
                  ("lookahead", {"ngram_size": 2, "window": 3, "pool_from_prompt": True}, True)]
-
-
-def _encode(tokenizer, text):
-    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def _decode(loaded, target, ids, drafter, max_new_tokens, strategy: Optional[StrategyConfig] = None, seed=0):
@@ -312,7 +305,7 @@ def test_tiny_greedy_identical_to_ar(tiny_loaded, name, extra, feed):
     drafter = _build(name, extra, tiny_loaded, target)
     accepted = 0
     for text in TINY_PROMPTS:  # one drafter for all prompts (token_recycling's matrix carries over)
-        ids = _encode(tiny_loaded.tokenizer, text)
+        ids = encode_chat(tiny_loaded.tokenizer, text)
         reference = _decode(tiny_loaded, target, ids, NoDrafter(DrafterConfig()), 40)
         ours = _decode(tiny_loaded, target, ids, drafter, 40)
         assert ours.tokens == reference.tokens, text
@@ -331,7 +324,7 @@ def test_tiny_greedy_identical_to_ar(tiny_loaded, name, extra, feed):
 def test_tiny_accepts_on_repetitive_prompt(tiny_loaded, name, extra, feed):
     target = LMAdapter(tiny_loaded.model)
     drafter = _build(name, extra, tiny_loaded, target)
-    ids = _encode(tiny_loaded.tokenizer, TINY_PROMPTS[0])
+    ids = encode_chat(tiny_loaded.tokenizer, TINY_PROMPTS[0])
     gen = _decode(tiny_loaded, target, ids, drafter, 48)
     assert any(s.accepted > 0 for s in gen.steps)
     assert len(gen.steps) < len(gen.tokens) - 1  # fewer verification steps than plain decoding
@@ -346,7 +339,7 @@ def test_tiny_sampling_reproducible(tiny_loaded, name, extra, feed):
     for _ in range(2):
         target = LMAdapter(tiny_loaded.model)
         drafter = _build(name, extra, tiny_loaded, target)
-        runs = [_decode(tiny_loaded, target, _encode(tiny_loaded.tokenizer, text), drafter, 32, strategy, seed)
+        runs = [_decode(tiny_loaded, target, encode_chat(tiny_loaded.tokenizer, text), drafter, 32, strategy, seed)
                 for seed, text in enumerate(TINY_PROMPTS)]
         outputs.append([(g.tokens, [(s.drafted, s.accepted) for s in g.steps]) for g in runs])
     assert outputs[0] == outputs[1]
@@ -365,7 +358,7 @@ def test_smollm2_summarization_identical_to_ar(smollm2_loaded, capsys):
                                    categories=["summarization"], limit=2))
     assert len(prompts) == 2
     target = LMAdapter(smollm2_loaded.model)
-    ids = [_encode(smollm2_loaded.tokenizer, p.turns[0]) for p in prompts]
+    ids = [encode_chat(smollm2_loaded.tokenizer, p.turns[0]) for p in prompts]
     reference = [_decode(smollm2_loaded, target, x, NoDrafter(DrafterConfig()), 48) for x in ids]
     report = []
     for name, extra, feed in TREE_DRAFTERS[:3]:

@@ -16,54 +16,17 @@ from decodelab.decoding.engine import decode
 from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import ConfigError, UserError
 from decodelab.models.loading import LoadedModel, load_model
-from decodelab.experiment.runner import chat_template_ids, eos_ids
+from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
+from tests.helpers.decoding import encode_chat
+from tests.helpers.drafters import GREEDY, PROMPTS, TINY, ar_tokens, decode_with, draft_model_node, make_drafter, tiny_model
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROMPTS = [
-    "Summarize: the quick brown fox jumps over the lazy dog, again and again, near the river bank.",
-    "What is 12 times 7? Explain step by step.",
-]
-GREEDY = LogitsPipeline(StrategyConfig())
-TINY = dict(name="tiny-random", source="tiny_random")
-
-
-def _tiny(**fields) -> LoadedModel:
-    return load_model(ModelConfig(**{**TINY, **fields}), BackendConfig())
-
-
-
-
 @pytest.fixture(scope="module")
 def target():
-    return _tiny(num_layers=4, init_seed=0)
-
-
-def _encode(tokenizer, text):
-    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
-
-
-def _decode(loaded, ids, drafter, max_new_tokens=40, pipeline=GREEDY):
-    stop = StopCriteria(loaded.tokenizer, eos_ids(loaded), [], max_new_tokens)
-    return decode(LMAdapter(loaded.model), ids, pipeline=pipeline, drafter=drafter, stop=stop,
-                  generator=torch.Generator().manual_seed(0))
-
-
-def _ar(loaded, ids, max_new_tokens=40):
-    return _decode(loaded, ids, NoDrafter(DrafterConfig()), max_new_tokens).tokens
-
-
-def _drafter(loaded, node, pipeline=GREEDY, **parts):
-    cfg = drafter_config(node)
-    cfg.validate("drafter")
-    return build_drafter(cfg, target=LMAdapter(loaded.model), loaded=loaded, pipeline=pipeline,
-                         backend=BackendConfig(), **parts)
-
-
-def _draft_model(draft_fields=None, **fields):
-    return {"name": "draft_model", "model": {**TINY, **(draft_fields or {})}, **fields}
+    return tiny_model(num_layers=4, init_seed=0)
 
 
 def _accepted(generation):
@@ -75,25 +38,25 @@ def _accepted(generation):
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_target_as_its_own_draft_accepts_everything(target, text):
-    ids = _encode(target.tokenizer, text)
-    drafter = _drafter(target, _draft_model(), draft=target)
-    gen = _decode(target, ids, drafter)
-    assert gen.tokens == _ar(target, ids)
+    ids = encode_chat(target.tokenizer, text)
+    drafter = make_drafter(target, draft_model_node(), draft=target)
+    gen = decode_with(target, ids, drafter)
+    assert gen.tokens == ar_tokens(target, ids)
     assert gen.steps and all(s.accepted == s.drafted > 0 for s in gen.steps)
     assert len(gen.steps) < len(gen.tokens) / 3  # 4 drafted + 1 bonus per target forward
 
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_other_draft_model_is_lossless_and_keeps_its_cache(target, text):
-    ids = _encode(target.tokenizer, text)
+    ids = encode_chat(target.tokenizer, text)
     # Loaded by the drafter from its config: same tokenizer, other seed and size.
-    drafter = _drafter(target, _draft_model({"num_layers": 1, "hidden_size": 32, "init_seed": 1}, length={"k": 3}))
+    drafter = make_drafter(target, draft_model_node({"num_layers": 1, "hidden_size": 32, "init_seed": 1}, length={"k": 3}))
     assert drafter.draft.model is not target.model
     lengths = []
     forward = drafter.lm.forward
     drafter.lm.forward = lambda new, last_only=False: (lengths.append(len(new)), forward(new, last_only))[1]
-    gen = _decode(target, ids, drafter)
-    assert gen.tokens == _ar(target, ids)
+    gen = decode_with(target, ids, drafter)
+    assert gen.tokens == ar_tokens(target, ids)
     drafted = sum(s.drafted for s in gen.steps)
     # One forward per drafted token: the catch-up forward yields the first, each later one the next. The
     # last step's draft is cut to the token budget (engine.fit_draft): its extra forwards count, unverified.
@@ -108,26 +71,26 @@ def test_other_draft_model_is_lossless_and_keeps_its_cache(target, text):
 
 @pytest.mark.parametrize("policy", ["heuristic", "confidence", "ucb"])
 def test_length_policies_stay_lossless(target, policy):
-    ids = _encode(target.tokenizer, PROMPTS[0])
-    drafter = _drafter(target, _draft_model({"num_layers": 1, "init_seed": 2}, length={"policy": policy}))
-    gen = _decode(target, ids, drafter)
-    assert gen.tokens == _ar(target, ids)
+    ids = encode_chat(target.tokenizer, PROMPTS[0])
+    drafter = make_drafter(target, draft_model_node({"num_layers": 1, "init_seed": 2}, length={"policy": policy}))
+    gen = decode_with(target, ids, drafter)
+    assert gen.tokens == ar_tokens(target, ids)
     if policy == "confidence":  # a random model is never confident: one token per step (the last may be cut)
         assert all(s.drafted == 1 for s in gen.steps[:-1]) and gen.steps[-1].drafted <= 1
 
 
 def test_heuristic_grows_when_everything_is_accepted(target):
-    ids = _encode(target.tokenizer, PROMPTS[1])
-    drafter = _drafter(target, _draft_model(length={"policy": "heuristic", "k": 2, "k_max": 8}), draft=target)
-    gen = _decode(target, ids, drafter, 60)
+    ids = encode_chat(target.tokenizer, PROMPTS[1])
+    drafter = make_drafter(target, draft_model_node(length={"policy": "heuristic", "k": 2, "k_max": 8}), draft=target)
+    gen = decode_with(target, ids, drafter, 60)
     assert [s.drafted for s in gen.steps][:4] == [2, 4, 6, 8]
 
 
 def test_sampling_draft_probs_come_from_the_strategy_pipeline(target):
     pipeline = LogitsPipeline(StrategyConfig(name="sample", do_sample=True, temperature=0.7, top_k=40, seed=3))
-    draft = _tiny(num_layers=1, init_seed=5)
-    drafter = _drafter(target, _draft_model(length={"k": 5}), pipeline=pipeline, draft=draft)
-    context = _encode(target.tokenizer, PROMPTS[0])
+    draft = tiny_model(num_layers=1, init_seed=5)
+    drafter = make_drafter(target, draft_model_node(length={"k": 5}), pipeline=pipeline, draft=draft)
+    context = encode_chat(target.tokenizer, PROMPTS[0])
     drafter.reset(context)
     proposal = drafter.propose(context)
     assert len(proposal) == 5 and proposal.probs.shape == (5, target.model.config.vocab_size)
@@ -137,12 +100,12 @@ def test_sampling_draft_probs_come_from_the_strategy_pipeline(target):
     assert torch.allclose(proposal.probs, expected, atol=1e-5)
     assert all(proposal.probs[i, t] > 0 for i, t in enumerate(proposal.tokens))
     # Seeded per prompt: the same prompt gives the same draft.
-    again = _drafter(target, _draft_model(length={"k": 5}), pipeline=pipeline, draft=draft)
+    again = make_drafter(target, draft_model_node(length={"k": 5}), pipeline=pipeline, draft=draft)
     again.reset(context)
     assert again.propose(context).tokens == proposal.tokens
 
 
-@pytest.mark.parametrize("node", [_draft_model(), {"name": "layer_skip", "exit_layer": 4}])
+@pytest.mark.parametrize("node", [draft_model_node(), {"name": "layer_skip", "exit_layer": 4}])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_sampling_with_an_exact_draft_accepts_almost_everything(target, node, penalty):
     """Draft distribution == target distribution (p/q = 1): speculative sampling accepts (nearly) every token,
@@ -150,18 +113,18 @@ def test_sampling_with_an_exact_draft_accepts_almost_everything(target, node, pe
     pipeline = LogitsPipeline(StrategyConfig(name="sample", do_sample=True, temperature=0.8, top_k=50,
                                              repetition_penalty=penalty))
     extra = {"draft": target} if node["name"] == "draft_model" else {}
-    drafter = _drafter(target, node, pipeline=pipeline, **extra)
-    ids = _encode(target.tokenizer, PROMPTS[0])
-    gen = _decode(target, ids, drafter, 48, pipeline)
+    drafter = make_drafter(target, node, pipeline=pipeline, **extra)
+    ids = encode_chat(target.tokenizer, PROMPTS[0])
+    gen = decode_with(target, ids, drafter, 48, pipeline)
     accepted, drafted = _accepted(gen)
     assert drafted > 20 and accepted >= drafted - 1
     assert len(gen.tokens) == 48 or gen.stop_reason == "eos"
 
 
 def test_draft_logits_are_fitted_to_the_target_vocab(target):
-    wider = _tiny(num_layers=1, vocab_size=400, init_seed=4)
-    drafter = _drafter(target, _draft_model(), draft=wider)
-    context = _encode(target.tokenizer, PROMPTS[1])
+    wider = tiny_model(num_layers=1, vocab_size=400, init_seed=4)
+    drafter = make_drafter(target, draft_model_node(), draft=wider)
+    context = encode_chat(target.tokenizer, PROMPTS[1])
     proposal = drafter.propose(context)
     assert proposal.probs.shape[1] == target.model.config.vocab_size
     assert all(t < target.model.config.vocab_size for t in proposal.tokens)
@@ -179,12 +142,12 @@ def test_composed_config_builds_the_draft_model():
     pipeline = LogitsPipeline(run.strategy)
     drafter = build_drafter(run.drafter, target=LMAdapter(loaded.model), loaded=loaded, pipeline=pipeline,
                             backend=run.backend)
-    ids = _encode(loaded.tokenizer, PROMPTS[0])
-    assert _decode(loaded, ids, drafter, 24, pipeline).tokens == _ar(loaded, ids, 24)
+    ids = encode_chat(loaded.tokenizer, PROMPTS[0])
+    assert decode_with(loaded, ids, drafter, 24, pipeline).tokens == ar_tokens(loaded, ids, 24)
 
 
 def test_missing_pipeline_is_a_clear_error(target):
-    cfg = drafter_config(_draft_model())
+    cfg = drafter_config(draft_model_node())
     with pytest.raises(TypeError, match="pipeline"):
         build_drafter(cfg, target=LMAdapter(target.model), loaded=target, draft=target)
 
@@ -221,7 +184,7 @@ def bpe_draft():
 
 def test_mismatched_tokenizers_are_refused_in_one_line(target, bpe_draft):
     with pytest.raises(UserError) as err:
-        _drafter(target, _draft_model(), draft=bpe_draft)
+        make_drafter(target, draft_model_node(), draft=bpe_draft)
     message = str(err.value)
     assert "\n" not in message and message.startswith("drafter.model:")
     assert "does not share" in message and "drafter.retokenize=true" in message
@@ -229,22 +192,22 @@ def test_mismatched_tokenizers_are_refused_in_one_line(target, bpe_draft):
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_retokenized_drafts_are_lossless_for_greedy(target, bpe_draft, text):
-    ids = _encode(target.tokenizer, text)
-    drafter = _drafter(target, _draft_model(retokenize=True), draft=bpe_draft)
-    gen = _decode(target, ids, drafter)
-    assert gen.tokens == _ar(target, ids)
+    ids = encode_chat(target.tokenizer, text)
+    drafter = make_drafter(target, draft_model_node(retokenize=True), draft=bpe_draft)
+    gen = decode_with(target, ids, drafter)
+    assert gen.tokens == ar_tokens(target, ids)
     assert gen.draft_forwards > 0 and all(s.drafted <= 4 for s in gen.steps)
 
 
 def test_retokenize_refuses_sampling(target, bpe_draft):
     pipeline = LogitsPipeline(StrategyConfig(name="sample", do_sample=True))
     with pytest.raises(ConfigError, match="drafter.retokenize: .*greedy"):
-        _drafter(target, _draft_model(retokenize=True), pipeline=pipeline, draft=bpe_draft)
+        make_drafter(target, draft_model_node(retokenize=True), pipeline=pipeline, draft=bpe_draft)
 
 
 def _ascii_only(loaded: LoadedModel) -> LoadedModel:
     """The tiny target, but only able to emit printable ASCII (random bytes would not survive decoding)."""
-    model = _tiny(num_layers=2, init_seed=0).model
+    model = tiny_model(num_layers=2, init_seed=0).model
     tok = loaded.tokenizer
     printable = [tok.encode(chr(c))[0] for c in range(32, 127)]
     with torch.no_grad():
@@ -258,17 +221,17 @@ def _ascii_only(loaded: LoadedModel) -> LoadedModel:
 def test_retokenized_self_draft_lines_up(target):
     """Drafting through text with the target itself: every re-encoded token is accepted."""
     ascii_target = _ascii_only(target)
-    ids = _encode(target.tokenizer, PROMPTS[0])
-    drafter = _drafter(ascii_target, _draft_model(retokenize=True), draft=ascii_target)
-    gen = _decode(ascii_target, ids, drafter)
-    assert gen.tokens == _ar(ascii_target, ids)
+    ids = encode_chat(target.tokenizer, PROMPTS[0])
+    drafter = make_drafter(ascii_target, draft_model_node(retokenize=True), draft=ascii_target)
+    gen = decode_with(ascii_target, ids, drafter)
+    assert gen.tokens == ar_tokens(ascii_target, ids)
     # k=4 draft tokens become 3 target tokens (the last may be the head of a longer token).
     assert all(s.drafted == 3 and s.accepted == 3 for s in gen.steps[:-1])
 
 
 def test_retokenize_join_handles_merges(target, bpe_draft):
     """Target = the BPE model (merges), draft = the byte-level tiny model: the join is re-encoded."""
-    drafter = _drafter(bpe_draft, _draft_model(retokenize=True), draft=target)
+    drafter = make_drafter(bpe_draft, draft_model_node(retokenize=True), draft=target)
     ttok, dtok = bpe_draft.tokenizer, target.tokenizer
     context = ttok.encode("the quick", add_special_tokens=False)
     draft_context = dtok.encode("the quick", add_special_tokens=False)
@@ -287,12 +250,12 @@ def test_retokenize_join_handles_merges(target, bpe_draft):
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_layer_skip_with_every_layer_accepts_everything(architecture):
-    loaded = _tiny(num_layers=4, init_seed=0, architecture=architecture)
-    ids = _encode(loaded.tokenizer, PROMPTS[0])
-    drafter = _drafter(loaded, {"name": "layer_skip", "exit_layer": 4})
+    loaded = tiny_model(num_layers=4, init_seed=0, architecture=architecture)
+    ids = encode_chat(loaded.tokenizer, PROMPTS[0])
+    drafter = make_drafter(loaded, {"name": "layer_skip", "exit_layer": 4})
     assert drafter.lm.model is loaded.model  # the target's own weights, no copy
-    gen = _decode(loaded, ids, drafter)
-    assert gen.tokens == _ar(loaded, ids)
+    gen = decode_with(loaded, ids, drafter)
+    assert gen.tokens == ar_tokens(loaded, ids)
     assert gen.steps and all(s.accepted == s.drafted > 0 for s in gen.steps)
 
 
@@ -300,10 +263,10 @@ def test_layer_skip_with_every_layer_accepts_everything(architecture):
                                   {"skip_layers": [1, 2]}, {"skip_layers": [0]}, {}])
 def test_layer_skip_is_lossless(target, node):
     for text in PROMPTS:
-        ids = _encode(target.tokenizer, text)
-        drafter = _drafter(target, {"name": "layer_skip", **node})
-        gen = _decode(target, ids, drafter)
-        assert gen.tokens == _ar(target, ids)
+        ids = encode_chat(target.tokenizer, text)
+        drafter = make_drafter(target, {"name": "layer_skip", **node})
+        gen = decode_with(target, ids, drafter)
+        assert gen.tokens == ar_tokens(target, ids)
         # Every drafted token costs one draft forward; the last step's draft may be cut to the token budget.
         drafted = sum(s.drafted for s in gen.steps)
         assert drafted <= gen.draft_forwards <= drafted + 16
@@ -312,8 +275,8 @@ def test_layer_skip_is_lossless(target, node):
 @pytest.mark.parametrize("node", [{"exit_layer": 2}, {"skip_layers": [0, 2]}])
 def test_layer_skip_logits_are_the_early_exit(target, node):
     """Prefill and one cached step equal norm + LM head over the chosen layers, computed by hand."""
-    drafter = _drafter(target, {"name": "layer_skip", **node})
-    ids = _encode(target.tokenizer, PROMPTS[1])
+    drafter = make_drafter(target, {"name": "layer_skip", **node})
+    ids = encode_chat(target.tokenizer, PROMPTS[1])
     model = target.model
     with torch.no_grad():
         x = torch.tensor([ids + [65]])
@@ -332,11 +295,11 @@ def test_layer_skip_logits_are_the_early_exit(target, node):
 
 def test_layer_skip_config_errors(target):
     with pytest.raises(ConfigError, match=r"drafter.exit_layer: must be in \[1, 4\]"):
-        _drafter(target, {"name": "layer_skip", "exit_layer": 9})
+        make_drafter(target, {"name": "layer_skip", "exit_layer": 9})
     with pytest.raises(ConfigError, match="drafter.skip_layers"):
-        _drafter(target, {"name": "layer_skip", "skip_layers": [7]})
+        make_drafter(target, {"name": "layer_skip", "skip_layers": [7]})
     with pytest.raises(ConfigError, match="drafter.skip_layers"):
-        _drafter(target, {"name": "layer_skip", "skip_layers": [0, 1, 2, 3]})
+        make_drafter(target, {"name": "layer_skip", "skip_layers": [0, 1, 2, 3]})
     with pytest.raises(ConfigError, match="drafter.skip_layers: set either"):
         drafter_config({"name": "layer_skip", "exit_layer": 2, "skip_layers": [1]}).validate("drafter")
 
@@ -349,7 +312,7 @@ def test_layer_skip_refuses_other_architectures():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).eval()
     loaded = LoadedModel(model=model, tokenizer=build_tiny_tokenizer(), name="tiny-gpt2", fingerprint="x")
     with pytest.raises(ConfigError, match="drafter.name: layer_skip supports llama/qwen2-style models; .*'gpt2'"):
-        _drafter(loaded, {"name": "layer_skip"})
+        make_drafter(loaded, {"name": "layer_skip"})
 
 
 # --- real models -----------------------------------------------------------------------------------
@@ -366,10 +329,10 @@ def _report(label, gen):
 def test_smollm2_layer_skip_half_is_lossless(smollm2_loaded):
     layers = smollm2_loaded.model.config.num_hidden_layers
     for text in PROMPTS:
-        ids = _encode(smollm2_loaded.tokenizer, text)
-        drafter = _drafter(smollm2_loaded, {"name": "layer_skip", "exit_layer": layers // 2})
-        gen = _decode(smollm2_loaded, ids, drafter, 32)
-        assert gen.tokens == _ar(smollm2_loaded, ids, 32)
+        ids = encode_chat(smollm2_loaded.tokenizer, text)
+        drafter = make_drafter(smollm2_loaded, {"name": "layer_skip", "exit_layer": layers // 2})
+        gen = decode_with(smollm2_loaded, ids, drafter, 32)
+        assert gen.tokens == ar_tokens(smollm2_loaded, ids, 32)
         _report(f"smollm2 layer_skip exit_layer={layers // 2}", gen)
 
 
@@ -383,9 +346,9 @@ def test_smollm2_drafting_for_itself_is_lossless(smollm2_loaded):
     drafter = build_drafter(run.drafter, target=LMAdapter(smollm2_loaded.model), loaded=smollm2_loaded,
                             pipeline=GREEDY, backend=run.backend)
     for text in PROMPTS:
-        ids = _encode(smollm2_loaded.tokenizer, text)
-        gen = _decode(smollm2_loaded, ids, drafter, 32)
-        assert gen.tokens == _ar(smollm2_loaded, ids, 32)
+        ids = encode_chat(smollm2_loaded.tokenizer, text)
+        gen = decode_with(smollm2_loaded, ids, drafter, 32)
+        assert gen.tokens == ar_tokens(smollm2_loaded, ids, 32)
         accepted, drafted = _accepted(gen)
         assert accepted >= 0.9 * drafted
         _report("smollm2 draft_model=smollm2", gen)
@@ -393,16 +356,16 @@ def test_smollm2_drafting_for_itself_is_lossless(smollm2_loaded):
 
 @pytest.mark.slow
 def test_smollm2_retokenized_drafts(smollm2_loaded, target):
-    ids = _encode(smollm2_loaded.tokenizer, PROMPTS[0])
-    reference = _ar(smollm2_loaded, ids, 32)
+    ids = encode_chat(smollm2_loaded.tokenizer, PROMPTS[0])
+    reference = ar_tokens(smollm2_loaded, ids, 32)
     # Itself through text: the alignment at the join is what acceptance measures.
-    gen = _decode(smollm2_loaded, ids, _drafter(smollm2_loaded, _draft_model(retokenize=True), draft=smollm2_loaded), 32)
+    gen = decode_with(smollm2_loaded, ids, make_drafter(smollm2_loaded, draft_model_node(retokenize=True), draft=smollm2_loaded), 32)
     assert gen.tokens == reference
     accepted, drafted = _accepted(gen)
     assert accepted >= 0.8 * drafted
     _report("smollm2 draft_model=smollm2 retokenize", gen)
     # The tiny byte-level model (another tokenizer) drafting for SmolLM2.
-    gen = _decode(smollm2_loaded, ids, _drafter(smollm2_loaded, _draft_model(retokenize=True), draft=target), 32)
+    gen = decode_with(smollm2_loaded, ids, make_drafter(smollm2_loaded, draft_model_node(retokenize=True), draft=target), 32)
     assert gen.tokens == reference
 
 
@@ -425,9 +388,9 @@ def test_qwen_coder_pair_is_lossless():
     try:
         drafter = build_drafter(run.drafter, target=LMAdapter(loaded.model), loaded=loaded, pipeline=GREEDY,
                                 backend=run.backend)
-        ids = _encode(loaded.tokenizer, "Write a Python function that returns the square of a number.")
-        gen = _decode(loaded, ids, drafter, 16)
-        ar = _decode(loaded, ids, NoDrafter(DrafterConfig()), 16)
+        ids = encode_chat(loaded.tokenizer, "Write a Python function that returns the square of a number.")
+        gen = decode_with(loaded, ids, drafter, 16)
+        ar = decode_with(loaded, ids, NoDrafter(DrafterConfig()), 16)
         assert gen.tokens == ar.tokens
         _report(f"qwen2.5-coder-1.5b draft_model=0.5b (AR wall={ar.wall_s:.1f}s)", gen)
     finally:

@@ -1,0 +1,23 @@
+"""Prompt encoding and bad-value checks shared by the engine and drafter tests."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import pytest
+
+from decodelab.errors import UserError
+from decodelab.experiment.compose import compose, validate
+from decodelab.experiment.runner import chat_template_ids
+
+
+def encode_chat(tokenizer, text: str) -> List[int]:
+    """One user turn through the model's chat template, ready for the answer."""
+    return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def assert_bad_value_is_named(drafter: str, override: str, key: str, extra: Sequence[str] = ()) -> None:
+    """``drafter=<drafter> <override>`` fails validation with a message that names ``key``."""
+    cfg = compose([f"drafter={drafter}", override, *extra, "logger=none"])
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        validate(cfg)
