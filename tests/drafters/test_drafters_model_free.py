@@ -20,7 +20,7 @@ from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
 from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
-from tests.helpers.decoding import assert_bad_value_is_named, encode_chat
+from tests.helpers.decoding import assert_bad_value_is_named, assert_registered_with_yaml_defaults, encode_chat
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,13 +316,8 @@ def test_suffix_trie_counts_bruteforce():
 # config
 # ---------------------------------------------------------------------------------------------------
 def test_registered_with_yaml_defaults():
-    from decodelab.experiment.compose import compose
-
     for name, schema in [("prompt_lookup", PromptLookupConfig), ("suffix", SuffixConfig)]:
-        assert REGISTRY[name].config_class is schema
-        typed = drafter_config(compose([f"drafter={name}", "logger=none"]).drafter)
-        assert typed == schema()
-        typed.validate("drafter")
+        assert_registered_with_yaml_defaults(name, schema)
 
 
 @pytest.mark.parametrize("override,key", [

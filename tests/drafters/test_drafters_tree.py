@@ -28,7 +28,7 @@ from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
 from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
-from tests.helpers.decoding import assert_bad_value_is_named, encode_chat
+from tests.helpers.decoding import assert_bad_value_is_named, assert_registered_with_yaml_defaults, encode_chat
 
 
 
@@ -252,13 +252,8 @@ def test_lookahead_own_forward_restores_the_cache(tiny_loaded):
 # config
 # ---------------------------------------------------------------------------------------------------
 def test_registered_with_yaml_defaults():
-    from decodelab.experiment.compose import compose
-
     for name, schema in [("token_recycling", TokenRecyclingConfig), ("lookahead", LookaheadConfig)]:
-        assert REGISTRY[name].config_class is schema
-        typed = drafter_config(compose([f"drafter={name}", "logger=none"]).drafter)
-        assert typed == schema()
-        typed.validate("drafter")
+        assert_registered_with_yaml_defaults(name, schema)
 
 
 @pytest.mark.parametrize("drafter,override,key", [

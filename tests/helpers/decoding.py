@@ -6,6 +6,7 @@ from typing import List, Sequence
 
 import pytest
 
+from decodelab.drafters.registry import REGISTRY, drafter_config
 from decodelab.errors import UserError
 from decodelab.experiment.compose import compose, validate
 from decodelab.experiment.runner import chat_template_ids
@@ -21,3 +22,11 @@ def assert_bad_value_is_named(drafter: str, override: str, key: str, extra: Sequ
     cfg = compose([f"drafter={drafter}", override, *extra, "logger=none"])
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def assert_registered_with_yaml_defaults(name: str, schema: type) -> None:
+    """conf/drafter/<name>.yaml composes to exactly the schema's defaults, and the registry maps the name to it."""
+    assert REGISTRY[name].config_class is schema
+    typed = drafter_config(compose([f"drafter={name}", "logger=none"]).drafter)
+    assert typed == schema()
+    typed.validate("drafter")
