@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from decodelab.errors import ConfigError, UserError, check
+from decodelab.errors import ConfigError, check
 
 MODEL_SOURCES = ("gguf_package", "gguf_parts", "hf", "tiny_random")
 DEVICES = ("cpu", "cuda", "mps")

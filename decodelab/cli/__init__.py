@@ -8,10 +8,7 @@ code 2 before any model is loaded or any run is recorded.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import List, Optional
-
-from omegaconf import OmegaConf
 
 from decodelab.errors import UserError
 

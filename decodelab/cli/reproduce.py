@@ -8,7 +8,6 @@ from typing import List, Optional, Tuple
 from decodelab.analysis.reproduce import reproduce
 from decodelab.cli.args import Command, parse
 from decodelab.config import DEFAULT_TRACKING_URI
-from decodelab.errors import UserError
 
 USAGE = ("usage: decodelab reproduce RUN [--out DIR] [--tracking-uri URI] [overrides]\n"
          f"  RUN: a run folder or an MLflow run id (found in --tracking-uri, default {DEFAULT_TRACKING_URI})\n"
@@ -16,19 +15,19 @@ USAGE = ("usage: decodelab reproduce RUN [--out DIR] [--tracking-uri URI] [overr
 COMMAND = Command("reproduce", "RUN", {"--out": "DIR", "--tracking-uri": "URI"}, overrides=True, usage=USAGE)
 
 
-def parse_args(args: List[str]) -> Tuple[str, Optional[str], str, List[str]]:
-    """RUN, --out, --tracking-uri and the overrides."""
+def parse_args(args: List[str]) -> Optional[Tuple[str, Optional[str], str, List[str]]]:
+    """RUN, --out, --tracking-uri and the overrides; None after printing the usage for -h/--help."""
     parsed = parse(COMMAND, args)
     if parsed is None:
-        raise UserError(USAGE)
+        return None
     return parsed.source, parsed.value("--out"), parsed.value("--tracking-uri", DEFAULT_TRACKING_URI), parsed.overrides
 
 
 def cli(args: List[str]) -> None:
-    if args and args[0] in ("-h", "--help"):
-        print(USAGE)
+    parsed = parse_args(args)
+    if parsed is None:
         return
-    source, out_dir, tracking_uri, overrides = parse_args(args)
+    source, out_dir, tracking_uri, overrides = parsed
     result = reproduce(source, out_dir, overrides, tracking_uri=tracking_uri)
     if not result["ok"]:
         sys.exit(1)

@@ -47,13 +47,7 @@ class LMAdapter:
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
         """Run the model over ``ids`` after the cached tokens; returns float32 logits [len(ids) or 1, vocab]."""
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1 if last_only else 0)
-        self.cache = out.past_key_values
-        self.tokens.extend(ids)
-        self.forwards += 1
-        return out.logits[0].float()
+        return self._run(ids, logits_to_keep=1 if last_only else 0)
 
     @torch.inference_mode()
     def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
@@ -70,14 +64,8 @@ class LMAdapter:
         self.check_tree_support()
         past = len(self.tokens)
         dtype = next(self.model.parameters()).dtype
-        out = self.model(input_ids=torch.tensor([list(tokens)], dtype=torch.long, device=self.device),
-                         attention_mask=tree.attention_mask(parents, past, dtype, self.device),
-                         position_ids=tree.position_ids(parents, past, self.device),
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        self.tokens.extend(tokens)
-        self.forwards += 1
-        return out.logits[0].float()
+        return self._run(tokens, attention_mask=tree.attention_mask(parents, past, dtype, self.device),
+                         position_ids=tree.position_ids(parents, past, self.device))
 
     @torch.inference_mode()
     def forward_level(self, tokens: Sequence[int], parents: Sequence[int], base: int, cached: Sequence[int],
@@ -103,11 +91,14 @@ class LMAdapter:
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         depths = tree.depths(parents)
-        ids = [tokens[n] for n in nodes]
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
-                         attention_mask=mask[None, None].to(self.device),
-                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device),
-                         past_key_values=self.cache, use_cache=True)
+        return self._run([tokens[n] for n in nodes], attention_mask=mask[None, None].to(self.device),
+                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device))
+
+    def _run(self, ids: Sequence[int], **inputs) -> torch.Tensor:
+        """One model call over ``ids`` after the cached tokens (``inputs``: mask, positions, logits kept); the
+        cache, the token list and the forward count follow it. Float32 logits [rows, vocab]."""
+        out = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=self.device),
+                         past_key_values=self.cache, use_cache=True, **inputs)
         self.cache = out.past_key_values
         self.tokens.extend(ids)
         self.forwards += 1

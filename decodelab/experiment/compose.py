@@ -13,6 +13,7 @@ from typing import Iterable, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from decodelab.config import RunConfig
 from decodelab.errors import UserError, one_line
 
 GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger", "launcher", "experiment")
@@ -63,7 +64,6 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
 
 def validate(cfg: DictConfig) -> None:
     """Types, ranges and availability of everything a run needs, without loading a model."""
-    from decodelab.config import RunConfig
     from decodelab.models.loading import check_model_available, resolve_device
     from decodelab.tasks import load_task
 
@@ -177,14 +177,12 @@ def register_configs() -> None:
     """Register the run schema so that conf/config.yaml can name it in its defaults list."""
     from hydra.core.config_store import ConfigStore
 
-    from decodelab.config import RunConfig
 
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def to_run_config(cfg: DictConfig) -> "RunConfig":
+def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve, type and validate a composed config; raises UserError on bad values."""
-    from decodelab.config import RunConfig
     from decodelab.drafters.registry import drafter_config
 
     try:
@@ -197,7 +195,7 @@ def to_run_config(cfg: DictConfig) -> "RunConfig":
     return run
 
 
-def apply_draft_length(run: "RunConfig") -> None:
+def apply_draft_length(run: RunConfig) -> None:
     """The run-level ``draft_length`` onto the drafter's own field; a drafter without one is named with those
     that have one."""
     from decodelab.drafters.registry import draft_length_drafters

@@ -10,7 +10,7 @@ the same pipeline from other logits. They call the verifier's core on precompute
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List
 
 import pytest
 import torch

@@ -9,17 +9,14 @@ import pytest
 import torch
 
 from decodelab.decoding.lm import LMAdapter
-from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
+from decodelab.config import DrafterConfig, StrategyConfig
 from decodelab.drafters.registry import build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
-from decodelab.decoding.engine import decode
-from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import ConfigError, UserError
 from decodelab.models.loading import LoadedModel, load_model
-from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
 from tests.helpers.decoding import encode_chat
-from tests.helpers.drafters import GREEDY, PROMPTS, TINY, ar_tokens, decode_with, draft_model_node, make_drafter, tiny_model
+from tests.helpers.drafters import GREEDY, PROMPTS, ar_tokens, decode_with, draft_model_node, make_drafter, tiny_model
 
 # Tiny models are latency-bound: one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import torch
 
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import DrafterConfig, StrategyConfig
-from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
+from decodelab.drafters.registry import build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
 from decodelab.drafters.suffix import SuffixConfig, SuffixDrafter, SuffixTrie

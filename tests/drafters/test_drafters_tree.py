@@ -18,14 +18,13 @@ import torch
 from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import DrafterConfig, StrategyConfig
-from decodelab.drafters.registry import REGISTRY, build_drafter, drafter_config
+from decodelab.drafters.registry import build_drafter, drafter_config
 from decodelab.drafters.lookahead import LookaheadConfig, LookaheadDrafter, NgramPool, Trie
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.token_recycling import (EMPTY, TokenRecyclingConfig, TokenRecyclingDrafter, rank_prior,
                                                 tree_template)
 from decodelab.decoding.engine import decode
 from decodelab.decoding.stop import StopCriteria
-from decodelab.errors import UserError
 from decodelab.experiment.runner import eos_ids
 from decodelab.decoding.logits import LogitsPipeline
 from tests.helpers.decoding import assert_bad_value_is_named, assert_registered_with_yaml_defaults, encode_chat
