@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/ar_vs_generate.json")
     args = parser.parse_args()
 
-    run = to_run_config(compose([f"model={args.model}", "logger=none", "output_dir=unused",
+    run = to_run_config(compose([f"model={args.model}", "tracking=none", "output_dir=unused",
                                  "task.shuffle_seed=0", f"task.limit={args.prompts}"]))
     setup_backend(run.backend)
     loaded = load_model(run.model, run.backend)

@@ -36,7 +36,7 @@ def main() -> None:
     for drafter in args.drafters:
         samples = []
         for category in CATEGORIES:  # per category so --per-category takes the first N of each
-            overrides = [f"model={args.model}", f"drafter={drafter}", "strategy=greedy", "logger=none",
+            overrides = [f"model={args.model}", f"drafter={drafter}", "strategy=greedy", "tracking=none",
                          "baseline=fresh", "progress=false", "print_table=false", f"task.categories=[{category}]",
                          f"task.limit={args.per_category}", f"task.max_new_tokens={args.max_new_tokens}", *args.extra]
             out_dir = Path("runs") / "bench_drafters" / drafter / category

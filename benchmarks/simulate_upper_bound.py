@@ -10,7 +10,7 @@ with verify_cost the curve's latency ratio (linear between measured points) and 
 simulated drafter's own time per step in AR-step units (``--free-drafts`` sets it to 0 for an upper
 bound). This bounds what tuning these drafters can reach here, without running the target per setting.
 
-    .venv/bin/decodelab run model=smollm2-135m task.max_new_tokens=64 logger=none baseline=none hydra.run.dir=/tmp/ar_full
+    .venv/bin/decodelab run model=smollm2-135m task.max_new_tokens=64 tracking=none baseline=none hydra.run.dir=/tmp/ar_full
     .venv/bin/python benchmarks/simulate_upper_bound.py /tmp/ar_full
 """
 

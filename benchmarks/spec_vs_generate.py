@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    overrides = [f"model={args.model}", f"drafter={args.drafter}", f"task={args.task}", "logger=none",
+    overrides = [f"model={args.model}", f"drafter={args.drafter}", f"task={args.task}", "tracking=none",
                  "output_dir=unused", f"task.limit={args.prompts}", f"task.max_new_tokens={args.max_new_tokens}"]
     if args.categories:
         overrides.append(f"task.categories=[{','.join(args.categories)}]")

@@ -57,8 +57,8 @@ def main() -> None:
     sweep_dir = work / "sweep"
     command = [str(Path(sys.executable).with_name("decodelab")), "sweep", args.sweep, f"model={args.model}",
                f"task.limit={args.limit}", f"task.max_new_tokens={args.max_new_tokens}", "resume=false",
-               "progress=false", "print_table=false", "logger=mlflow",
-               f"logger.mlflow.tracking_uri=sqlite:///{work}/mlruns.db", f"hydra.sweep.dir={sweep_dir}", *args.extra]
+               "progress=false", "print_table=false", "tracking=mlflow",
+               f"tracking.mlflow.tracking_uri=sqlite:///{work}/mlruns.db", f"hydra.sweep.dir={sweep_dir}", *args.extra]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     started_at = datetime.now()

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/verify_latency.json")
     args = parser.parse_args()
 
-    run = to_run_config(compose([f"model={args.model}", "logger=none", "output_dir=unused"]))
+    run = to_run_config(compose([f"model={args.model}", "tracking=none", "output_dir=unused"]))
     setup_backend(run.backend)
     loaded = load_model(run.model, run.backend)
     adapter = LMAdapter(loaded.model)

@@ -7,6 +7,8 @@ by each schema's ``validate`` so that every rule lives beside the field it guard
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -21,6 +23,37 @@ ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 KERNEL_PROVIDERS = ("torch", "triton")
 ACCEPTANCE_RULES = ("lossless", "typical")
 WANDB_MODES = ("offline", "online", "auto", "disabled")
+
+
+def check_keys(node: Any, schema: type, prefix: str = "", owner: str = "") -> None:
+    """Every key of the plain mapping ``node`` is a field of ``schema``, at any depth of nested dataclass fields;
+    else one ConfigError naming the key and the allowed ones (``owner`` says whose schema, e.g. " for drafter=x").
+
+    OmegaConf rejects unknown keys on its own, except those added with ``+key=value``: Hydra opens the struct
+    flag for them and the typed config drops them silently. This check refuses them too.
+    """
+    if not isinstance(node, dict):
+        return
+    names = [f.name for f in dataclasses.fields(schema)]
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(full, f"unknown key{owner}; allowed: {', '.join(names)}")
+        nested = _dataclass_in(hints.get(key))
+        if nested is None or value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(full, f"expected a {nested.__name__} block, got {value!r}")
+        check_keys(value, nested, full, owner)
+
+
+def _dataclass_in(hint: Any) -> Optional[type]:
+    """The dataclass a field holds (``X`` or ``Optional[X]``), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -196,18 +229,18 @@ class WandbConfig:
     dir: Optional[str] = None
     group: Optional[str] = None
 
-    def validate(self, key: str = "logger.wandb") -> None:
+    def validate(self, key: str = "tracking.wandb") -> None:
         _one_of(f"{key}.mode", self.mode, WANDB_MODES)
 
 
 @dataclass
-class LoggerConfig:
+class TrackingConfig:
     """Remote trackers; the local run folder (jsonl) is always written."""
 
     mlflow: Optional[MlflowConfig] = None
     wandb: Optional[WandbConfig] = None
 
-    def validate(self, key: str = "logger") -> None:
+    def validate(self, key: str = "tracking") -> None:
         if self.wandb is not None:
             self.wandb.validate(f"{key}.wandb")
 
@@ -220,7 +253,7 @@ class RunConfig:
     drafter: Any = field(default_factory=lambda: {"name": "none"})
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: str = "default"
     run_name: Optional[str] = None
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -240,7 +273,7 @@ class RunConfig:
     resume_dir: Optional[str] = None
 
     def validate(self) -> None:
-        for part in ("model", "backend", "drafter", "strategy", "task", "logger"):
+        for part in ("model", "backend", "drafter", "strategy", "task", "tracking"):
             getattr(self, part).validate(part)
         _one_of("baseline", self.baseline, ("cached", "fresh", "none"))
 

@@ -28,7 +28,7 @@ def tiny_loaded():
     from decodelab.experiment.compose import to_run_config
     from decodelab.models.loading import load_model
 
-    cfg = compose(["model=tiny-random", "logger=none", "output_dir=unused"])
+    cfg = compose(["model=tiny-random", "tracking=none", "output_dir=unused"])
     run = to_run_config(cfg)
     return load_model(run.model, run.backend)
 
@@ -45,7 +45,7 @@ def smollm2_loaded():
     from decodelab.experiment.compose import to_run_config
     from decodelab.models.loading import load_model
 
-    run = to_run_config(compose(["model=smollm2-135m", "logger=none", "output_dir=unused"]))
+    run = to_run_config(compose(["model=smollm2-135m", "tracking=none", "output_dir=unused"]))
     return load_model(run.model, run.backend)
 
 

@@ -15,7 +15,6 @@ import html
 import json
 import math
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,16 +26,15 @@ import yaml
 from decodelab.experiment import plots
 from decodelab.drafters.registry import REGISTRY
 from decodelab.config import DEFAULT_TRACKING_URI
-from decodelab.errors import UserError
+from decodelab.errors import UserError, warn
 from decodelab.tracking.sweep_folder import read_sweep_meta, run_dirs
 from decodelab.experiment.telemetry import acceptance_stats, merge_steps
-from decodelab.tracking.run_folder import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, iter_samples, read_json, write_json
+from decodelab.tracking.run_folder import (CONFIG_FILE, FINISHED, SAMPLES_FILE, SUMMARY_FILE, FolderError,
+                                          RunFolder, write_json)
 from decodelab.tracking.mlflow_remote import RUN_DIR_TAG, flatten
 
 REPORT_FOLDER = "report"
 MISSING = "—"
-FINISHED = "FINISHED"
-UNFINISHED = "UNFINISHED"
 QUALITY_KEYS = ("rouge_l", "exact_match", "pass@1")
 # Always different (output_dir) or shown in a column of its own (drafter.name).
 IGNORED_CONFIG_KEYS = ("output_dir", "drafter.name")
@@ -98,20 +96,13 @@ class Plot:
 
 def load_job(run_dir: Path, name: str) -> Job:
     """A run folder with config.yaml but no summary.json is a job that never finished."""
+    folder = RunFolder(run_dir)
     try:
-        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        config = folder.config()
+    except FolderError:
         config = {}
-    summary_path = run_dir / SUMMARY_FILE
-    if not summary_path.is_file():
-        return Job(name, run_dir, config, {}, UNFINISHED, None)
-    try:
-        summary = read_json(summary_path)
-    except (OSError, ValueError) as err:
-        return Job(name, run_dir, config, {}, "UNREADABLE", f"summary.json: {err}")
-    if not isinstance(summary, dict):
-        return Job(name, run_dir, config, {}, "UNREADABLE", "summary.json is not a JSON object")
-    return Job(name, run_dir, config, summary, str(summary.get("status") or FINISHED), summary.get("error"))
+    status, error, summary = folder.status()
+    return Job(name, run_dir, config, summary, status, error)
 
 
 def varied_keys(configs: Sequence[Dict[str, Any]]) -> List[str]:
@@ -196,7 +187,7 @@ def _acceptance(job: Job) -> Tuple[List[int], List[float]]:
         return histogram, per_position
     if job.metric("drafted_tokens") == 0:
         return [], []
-    stats = acceptance_stats(merge_steps(iter_samples(job.run_dir)))
+    stats = acceptance_stats(merge_steps(RunFolder(job.run_dir).samples()))
     return (histogram if isinstance(histogram, list) else stats["accepted_histogram"],  # type: ignore[return-value]
             per_position if per_position is not None else stats["per_position_acceptance"])
 
@@ -474,7 +465,7 @@ def log_to_parent(meta: Dict[str, Any], files: Sequence[Path], default_uri: str)
             client.log_artifact(run_id, str(path), artifact_path=REPORT_FOLDER)
     except Exception as err:  # noqa: BLE001 - best effort: the local report is already written
         message = " ".join(str(err).split())[:300]
-        print(f"decodelab: warning: report not logged to MLflow run {run_id} at {uri}: {message}", file=sys.stderr)
+        warn(f"report not logged to MLflow run {run_id} at {uri}: {message}")
         return None
     return str(run_id)
 

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from decodelab.config import DEFAULT_TRACKING_URI
-from decodelab.errors import UserError, one_line
+from decodelab.errors import UserError, one_line, warn
 from decodelab.experiment.compose import allowed_keys
-from decodelab.tracking.run_folder import (CONFIG_FILE, FINGERPRINT_FILE, RUN_FILES, SAMPLES_FILE, SUMMARY_FILE,
-                                      TRACKING_FILE, iter_samples, read_json, write_json)
+from decodelab.tracking.run_folder import CONFIG_FILE, RUN_FILES, SAMPLES_FILE, FolderError, RunFolder, write_json
+from decodelab.tracking.sweep_folder import is_sweep, run_dirs
 
 RESULT_FILE = "reproduce.json"
 MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -58,40 +56,31 @@ class Source:
     name_hint: str = "run"
     config: dict = field(default_factory=dict)
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.files_dir)
+
     def samples(self) -> List[dict]:
-        return list(iter_samples(self.files_dir))
+        return self.folder.samples()
 
     def summary(self) -> dict:
-        path = self.files_dir / SUMMARY_FILE
-        return read_json(path) if path.is_file() else {}
+        return self.folder.summary() or {}
 
     def fingerprint(self) -> dict:
-        path = self.files_dir / FINGERPRINT_FILE
-        return read_json(path) if path.is_file() else {}
+        return self.folder.fingerprint()
 
 
 def _read_config(folder: Path, label: str) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file() and _is_sweep(folder):
-        from decodelab.tracking.sweep_folder import run_dirs
-
+    run = RunFolder(folder)
+    if not run.has(CONFIG_FILE) and is_sweep(folder):
         jobs = ", ".join(str(p) for p in run_dirs(folder)[:3]) or "none finished"
         raise UserError(f"RUN: {label} is a sweep folder; reproduce one of its run folders ({jobs})")
-    if not path.is_file():
+    if not run.has(CONFIG_FILE):
         raise UserError(f"RUN: {label} has no {CONFIG_FILE}; reproduce needs a run folder written by decodelab run")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"RUN: {label}/{CONFIG_FILE} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"RUN: {label}/{CONFIG_FILE} is not a mapping of config keys")
-    return config
-
-
-def _is_sweep(folder: Path) -> bool:
-    from decodelab.tracking.sweep_folder import SWEEP_FILE
-
-    return (folder / SWEEP_FILE).is_file() or (folder / "multirun.yaml").is_file()
+        return run.config()
+    except FolderError as err:
+        raise UserError(f"RUN: {label}/{err.detail}") from None
 
 
 def folder_source(run_dir: Path) -> Source:
@@ -243,7 +232,7 @@ def default_output_dir(source: Source, short_id: str) -> Path:
     look like one more job to sweep reports). Without a local original: ``runs/``."""
     if source.run_dir is not None:
         parent = source.run_dir.parent
-        if _is_sweep(parent):
+        if is_sweep(parent):
             return parent.parent / f"{parent.name}_{source.run_dir.name}_reproduce_{short_id}"
         return parent / f"{source.run_dir.name}_reproduce_{short_id}"
     return Path("runs") / f"{source.name_hint}_reproduce_{short_id}"
@@ -344,8 +333,10 @@ def environment_changes(original: dict, reproduced: dict) -> Dict[str, List[Any]
 
 
 def reproduce(source: str, out_dir: Optional[str] = None, overrides: Sequence[str] = (),
-              tracking_uri: str = DEFAULT_TRACKING_URI, console: Any = None) -> dict:
+              tracking_uri: str = DEFAULT_TRACKING_URI, announce: Callable[[str], None] = lambda _: None) -> dict:
     """Re-run ``source`` (run folder or MLflow run id) into ``out_dir`` and compare; returns reproduce.json.
+
+    ``announce`` gets one line naming the source and the new folder before the run starts (the CLI prints it).
 
     ``result["ok"]`` is False when a greedy run's outputs differ (the CLI then exits 1).
     """
@@ -355,7 +346,8 @@ def reproduce(source: str, out_dir: Optional[str] = None, overrides: Sequence[st
         output_dir = output_dir.expanduser().resolve()
         if (output_dir / CONFIG_FILE).exists() or (output_dir / SAMPLES_FILE).exists():
             raise UserError(f"--out: {output_dir} already holds a run; choose a new folder")
-        return _reproduce(src, output_dir, list(overrides), console)
+        announce(f"reproducing {src.label}\n  -> {output_dir}")
+        return _reproduce(src, output_dir, list(overrides))
 
 
 def _open_source(source: str, tracking_uri: str, download_dir: Path) -> Source:
@@ -365,7 +357,7 @@ def _open_source(source: str, tracking_uri: str, download_dir: Path) -> Source:
     return mlflow_source(source, tracking_uri, download_dir)
 
 
-def _reproduce(src: Source, output_dir: Path, overrides: List[str], console: Any) -> dict:
+def _reproduce(src: Source, output_dir: Path, overrides: List[str]) -> dict:
     from decodelab.experiment.compose import validate
     from decodelab.experiment.metrics import summarize
     from decodelab.experiment.runner import run
@@ -374,12 +366,11 @@ def _reproduce(src: Source, output_dir: Path, overrides: List[str], console: Any
     with open_dict(cfg):
         cfg.tags["reproduce_of"] = src.mlflow_run_id or str(src.run_dir)
     validate(cfg)
-    console = console or _console()
-    console.print(f"reproducing {src.label}\n  -> {output_dir}")
     summary = run(cfg, output_dir=str(output_dir))
 
     original_samples = src.samples()
-    reproduced_samples = list(iter_samples(output_dir))
+    reproduced = RunFolder(output_dir)
+    reproduced_samples = reproduced.samples()
     outputs = compare_outputs(original_samples, reproduced_samples)
     original_summary = src.summary()
     common = {r["id"] for r in reproduced_samples}
@@ -392,11 +383,11 @@ def _reproduce(src: Source, output_dir: Path, overrides: List[str], console: Any
         "source": src.label, "original_run_dir": str(src.run_dir) if src.run_dir else None,
         "mlflow_run_id": src.mlflow_run_id, "reproduced_run_dir": str(output_dir), "overrides": overrides,
         "greedy": greedy, "original_status": original_summary.get("status"),
-        "reproduced_status": read_json(output_dir / SUMMARY_FILE).get("status"),
+        "reproduced_status": (reproduced.summary() or {}).get("status"),
         "original_metrics_over": "subset" if over_subset else "all",
         "outputs": outputs,
         "metrics": compare_metrics(original_metrics, summary),
-        "environment_changes": environment_changes(src.fingerprint(), read_json(output_dir / FINGERPRINT_FILE)),
+        "environment_changes": environment_changes(src.fingerprint(), reproduced.fingerprint()),
     }
     speedup = next((row for row in result["metrics"] if row["key"] == "speedup"), None)
     result["speedup_within_original_ci"] = speedup.get("within_original_ci") if speedup else None
@@ -404,7 +395,6 @@ def _reproduce(src: Source, output_dir: Path, overrides: List[str], console: Any
     result["notes"] = _notes(result, summary, cfg)
     write_json(output_dir / RESULT_FILE, result)
     _log_to_mlflow(output_dir)
-    print_result(result, console)
     return result
 
 
@@ -424,7 +414,7 @@ def _notes(result: dict, summary: dict, cfg: DictConfig) -> List[str]:
 
 def _log_to_mlflow(run_dir: Path) -> None:
     """Attach reproduce.json to the reproduction's own MLflow run, when it logged one (best effort)."""
-    info = read_json(run_dir / TRACKING_FILE) if (run_dir / TRACKING_FILE).is_file() else {}
+    info = RunFolder(run_dir).tracking()
     remote = (info.get("remotes") or {}).get("mlflow") or {}
     if not remote.get("run_id"):
         return
@@ -433,73 +423,4 @@ def _log_to_mlflow(run_dir: Path) -> None:
 
         MlflowClient(tracking_uri=remote["tracking_uri"]).log_artifact(remote["run_id"], str(run_dir / RESULT_FILE))
     except Exception as err:  # noqa: BLE001 - the local reproduce.json is the record
-        print(f"decodelab: warning: mlflow: {RESULT_FILE} not logged ({_first_line(err)})", file=sys.stderr)
-
-
-# ---------------------------------------------------------------- printing
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160)
-
-
-def print_result(result: dict, console: Any) -> None:
-    from rich.table import Table
-
-    outputs = result["outputs"]
-    kind = "greedy" if result["greedy"] else "sampling, seeded"
-    console.print(f"outputs identical: {outputs['identical']}/{outputs['compared']} samples ({kind})")
-    for diff in outputs["differing"]:
-        console.print(f"  differs: {diff['id']} turn {diff['turn']}, first differing token index {diff['index']}")
-    if outputs["only_original"]:
-        console.print(f"  not reproduced (not in the new run): {len(outputs['only_original'])} samples")
-    title = "original vs reproduced" + (" (original over the same samples)"
-                                        if result["original_metrics_over"] == "subset" else "")
-    table = Table(title=title)
-    for column in ("metric", "original", "reproduced", "change", "note"):
-        table.add_column(column, justify="left" if column in ("metric", "note") else "right")
-    for row in result["metrics"]:
-        old, new = row["original"], row["reproduced"]
-        original_text, reproduced_text, note = _fmt(old), _fmt(new), ""
-        if row["key"] == "speedup":
-            original_text += _fmt_ci(row.get("original_ci"))
-            reproduced_text += _fmt_ci(row.get("reproduced_ci"))
-            within = row.get("within_original_ci")
-            note = "" if within is None else ("within original CI" if within else "[bold red]OUTSIDE original CI[/]")
-        table.add_row(row["label"], original_text, reproduced_text, _change(old, new), note)
-    console.print(table)
-    changes = result["environment_changes"]
-    if not changes:
-        console.print("environment unchanged")
-    else:
-        console.print(f"environment changed ({len(changes)} keys):")
-        for key, (old, new) in changes.items():
-            console.print(f"  {key}: {old!r} -> {new!r}", markup=False)
-    for note in result["notes"]:
-        console.print(f"note: {note}")
-    console.print(f"Comparison: {Path(result['reproduced_run_dir']) / RESULT_FILE}")
-    if result["greedy"] and outputs["differing"]:
-        console.print(f"[bold red]greedy outputs differ in {len(outputs['differing'])} of "
-                      f"{outputs['compared']} samples[/]")
-
-
-def _fmt(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
-
-
-def _fmt_ci(ci: Optional[List[Optional[float]]]) -> str:
-    if not ci or ci[0] is None or ci[1] is None:
-        return ""
-    return f" [{_fmt(ci[0])}..{_fmt(ci[1])}]"
-
-
-def _change(old: Optional[float], new: Optional[float]) -> str:
-    if old is None or new is None:
-        return "-"
-    if old == 0:
-        return f"{new - old:+.3f}"
-    return f"{100 * (new - old) / abs(old):+.1f}%"
+        warn(f"mlflow: {RESULT_FILE} not logged ({_first_line(err)})")

@@ -42,14 +42,23 @@ from decodelab.drafters.base import Drafter
 from decodelab.decoding.engine import decode
 from decodelab.decoding.stop import StopCriteria
 from decodelab.errors import UserError
+from decodelab.tracking.run_folder import CONFIG_FILE, SAMPLES_FILE, FolderError, RunFolder
+from decodelab.tracking.sweep_folder import run_dirs
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.experiment.telemetry import acceptance_stats
 
-# Each drafter says whether it can be replayed without a model (Drafter.simulation_grid) and how exactly.
-MODEL_FREE = tuple(name for name, cls in REGISTRY.items() if cls.simulation_grid)
-EXACT = tuple(name for name in MODEL_FREE if REGISTRY[name].replay_exact)
-DEFAULT_DRAFTERS = EXACT
-DEFAULT_GRIDS: Dict[str, Dict[str, List[Any]]] = {name: dict(REGISTRY[name].simulation_grid) for name in MODEL_FREE}
+
+
+def model_free() -> List[str]:
+    """Drafters that replay without a model: each says so with a default grid (Drafter.simulation_grid). Read
+    from the registry at call time, so a drafter discovered later is included."""
+    return [name for name, cls in REGISTRY.items() if cls.simulation_grid]
+
+
+def exact_replays() -> List[str]:
+    """Model-free drafters whose replay reproduces a real run's steps exactly: the default set to simulate."""
+    return [name for name in model_free() if REGISTRY[name].replay_exact]
+
 # Rows of the best drafter whose values span the suggested confirmation multirun.
 CONFIRM_TOP = 3
 
@@ -191,9 +200,9 @@ class KnownRowsOnly(Drafter):
 def typed_drafter(drafter_cfg: Any) -> DrafterConfig:
     """A typed, validated model-free drafter config from a DrafterConfig, dict or DictConfig."""
     cfg = drafter_config(drafter_cfg)
-    if cfg.name not in MODEL_FREE:
+    if cfg.name not in model_free():
         raise UserError(f"--drafter: {cfg.name!r} cannot be simulated (it needs a model); "
-                        f"allowed: {', '.join(MODEL_FREE)}")
+                        f"allowed: {', '.join(model_free())}")
     cfg.validate("drafter")
     return cfg
 
@@ -234,7 +243,7 @@ def simulate(records: Sequence[dict], drafter_cfg: Any, max_new_tokens: Optional
                                  "acceptance_rate": part.get("acceptance_rate", 0.0)}
     return {"drafter": cfg.name, "config": dataclasses.asdict(cfg), **stats,
             "acceptance_rate": stats.get("acceptance_rate", 0.0), "unresolved_steps": target.unresolved,
-            "exact": cfg.name in EXACT, "by_category": by_category, "samples": samples}
+            "exact": cfg.name in exact_replays(), "by_category": by_category, "samples": samples}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,38 +271,30 @@ class RecordedRun:
 
 def load_run(run_dir: str) -> RecordedRun:
     """Config, samples and summary of a finished run folder; UserError unless it is a greedy run with tokens."""
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir).expanduser()
-    if not (path / "samples.jsonl").is_file() or not (path / "config.yaml").is_file():
-        raise UserError(f"RUN_DIR: {path} is not a run folder (no samples.jsonl and config.yaml){_sweep_hint(path)}")
-    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
-    strategy = cfg.get("strategy") or {}  # type: ignore[union-attr]
+    folder = RunFolder(run_dir)
+    path = folder.path
+    if not folder.has(SAMPLES_FILE) or not folder.has(CONFIG_FILE):
+        raise UserError(f"RUN_DIR: {path} is not a run folder (no {SAMPLES_FILE} and {CONFIG_FILE}){_sweep_hint(path)}")
+    try:
+        cfg = folder.config()
+        samples = folder.samples(strict=True)
+        summary = folder.summary() or {}
+    except FolderError as err:
+        raise UserError(f"RUN_DIR: {path}/{err.detail}") from None
+    strategy = cfg.get("strategy") or {}
     if strategy.get("do_sample") and strategy.get("temperature", 1.0) != 0:
         raise UserError(f"RUN_DIR: {path} was decoded with strategy={strategy.get('name')} (do_sample=true); "
                         "simulate replays greedy runs only (strategy=greedy), whose outputs are the target's argmax")
-    records = []
-    for lineno, line in enumerate((path / "samples.jsonl").read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"RUN_DIR: {path}/samples.jsonl line {lineno} is not valid JSON ({err.msg})") from None
+    for number, record in enumerate(samples, start=1):
         if not record.get("prompt_tokens") or "output_tokens" not in record:
-            raise UserError(f"RUN_DIR: {path}/samples.jsonl line {lineno} has no prompt_tokens/output_tokens "
+            raise UserError(f"RUN_DIR: {path}/{SAMPLES_FILE} sample {number} has no prompt_tokens/output_tokens "
                             "(recorded by an older decodelab); re-run it")
-        records.append(record)
-    if not records:
-        raise UserError(f"RUN_DIR: {path}/samples.jsonl holds no samples")
-    summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
-    return RecordedRun(path, cfg, records, summary)  # type: ignore[arg-type]
+    if not samples:
+        raise UserError(f"RUN_DIR: {path}/{SAMPLES_FILE} holds no samples")
+    return RecordedRun(path, cfg, samples, summary)
 
 
 def _sweep_hint(path: Path) -> str:
-    from decodelab.tracking.sweep_folder import run_dirs
-
     try:
         runs = run_dirs(path) if path.is_dir() else []
     except (OSError, ValueError, KeyError):
@@ -365,7 +366,7 @@ def grid_points(drafters: Sequence[str], grid: Dict[str, List[Any]], run: Record
     notes: List[str] = []
     for name in drafters:
         base = _base_config(name, run)
-        axes = {**DEFAULT_GRIDS[name], **{k: v for k, v in grid.items() if k in fields[name]}}
+        axes = {**REGISTRY[name].simulation_grid, **{k: v for k, v in grid.items() if k in fields[name]}}
         tried: List[Tuple[Dict[str, Any], str]] = []  # (settings, error message or "")
         for combo in itertools.product(*axes.values()):
             settings = dict(zip(axes, combo))

@@ -18,7 +18,7 @@ commands:
   run [overrides] [-m]   run one composition (or a Hydra multirun with -m); e.g. decodelab run experiment=quickstart
   sweep NAME [overrides]  run a named sweep or search from sweeps/ (e.g. decodelab sweep drafters task.limit=2)
   list                   print every config group and its options
-  upload RUN_DIR [overrides]   log a finished local run folder to the configured trackers (logger=...)
+  upload RUN_DIR [overrides]   log a finished local run folder to the configured trackers (tracking=...)
   report SWEEP           write Markdown/HTML tables and PNG plots for a sweep folder or MLflow parent run id
   reproduce RUN          re-run a run folder or MLflow run id from its logged config and compare
   simulate RUN_DIR       estimate acceptance of model-free drafters from a run's recorded greedy outputs

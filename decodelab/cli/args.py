@@ -5,7 +5,7 @@ commands Hydra-style overrides after SOURCE. Every mistake is a one-line UserErr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from decodelab.errors import UserError
 
@@ -19,9 +19,10 @@ class Command:
     repeatable: Tuple[str, ...] = ()
     # Overrides (key=value, +key=value, ~key) after SOURCE.
     overrides: bool = False
-    # Override-style spellings of an option, e.g. logger.mlflow.tracking_uri=URI for --tracking-uri.
+    # Override-style spellings of an option, e.g. tracking.mlflow.tracking_uri=URI for --tracking-uri.
     aliases: Dict[str, str] = field(default_factory=dict)
-    usage: str = ""
+    # The -h text; a callable when it names what is known only at run time (e.g. the registered drafters).
+    usage: Union[str, Callable[[], str]] = ""
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Parsed:
 def parse(command: Command, args: List[str]) -> Optional[Parsed]:
     """The parsed arguments, or None after printing the usage for -h/--help."""
     if args and args[0] in ("-h", "--help"):
-        print(command.usage)
+        print(command.usage() if callable(command.usage) else command.usage)
         return None
     allowed = ", ".join(f"{flag} {metavar}" for flag, metavar in command.options.items())
     source: Optional[str] = None

@@ -9,10 +9,10 @@ from decodelab.analysis.report import REPORT_FOLDER, write_report
 from decodelab.cli.args import Command, parse
 from decodelab.config import DEFAULT_TRACKING_URI
 
-USAGE = ("usage: decodelab report SWEEP [--out DIR] [--tracking-uri URI | logger.mlflow.tracking_uri=URI] "
+USAGE = ("usage: decodelab report SWEEP [--out DIR] [--tracking-uri URI | tracking.mlflow.tracking_uri=URI] "
          "(SWEEP: a sweep folder or an MLflow parent run id)")
 COMMAND = Command("report", "SWEEP", {"--out": "DIR", "--tracking-uri": "URI"},
-                  aliases={"logger.mlflow.tracking_uri": "--tracking-uri"}, usage=USAGE)
+                  aliases={"tracking.mlflow.tracking_uri": "--tracking-uri"}, usage=USAGE)
 
 
 def cli(args: List[str]) -> None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from decodelab.cli import fail
 from decodelab.cli.table import print_summary
-from decodelab.errors import UserError
+from decodelab.errors import UserError, notice
 from decodelab.experiment.compose import conf_dir, register_configs, register_resolvers, validate_overrides
 
 
@@ -42,7 +42,7 @@ def _hydra_app(args: List[str]) -> None:
 
     sys.argv = ["decodelab"] + args
     app()
-    _exit_on_failed_jobs()
+    _after_sweep()
 
 
 def run_job(cfg) -> dict:
@@ -76,15 +76,24 @@ def run_job(cfg) -> dict:
         return {"status": "FAILED", "error": error}
 
 
-def _exit_on_failed_jobs() -> None:
-    """After a multirun: a non-zero exit when any job failed (their results and errors are on record)."""
+def _after_sweep() -> None:
+    """After a multirun: one line of job counts, one per failed job, and a non-zero exit when any job failed
+    (their results and errors are on record)."""
     from decodelab.sweeps.callback import LAST_SWEEP, sweep_failures
-    from decodelab.tracking.sweep_folder import read_sweep_meta
+    from decodelab.tracking.sweep_folder import SWEEP_SUMMARY_FILE, read_sweep_meta, read_sweep_summary
 
-    sweep_dir = LAST_SWEEP["dir"]
+    sweep_dir, report = LAST_SWEEP["dir"], LAST_SWEEP["report"]
     if sweep_dir is None:
         return
+    counts: dict = {}
+    for row in read_sweep_summary(sweep_dir):
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    notice(f"sweep {sweep_dir}: {line or 'no jobs'}; summary: {sweep_dir / SWEEP_SUMMARY_FILE}"
+           + (f"; report: {report}" if report else ""))
     failed = sweep_failures(sweep_dir)
+    for row in failed:
+        notice(f"job {row['job']} ({' '.join(row['overrides'])}) {row['status']}: {row['error']}")
     if failed and "optuna" in str(read_sweep_meta(sweep_dir).get("sweeper", "")):
         return  # a search records failed trials as FAIL and goes on; they are listed above and in the study
     if failed:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional
 
-from decodelab.analysis.simulate import (DEFAULT_DRAFTERS, MODEL_FREE, RecordedRun, load_run, parse_grid,
+from decodelab.analysis.simulate import (RecordedRun, exact_replays, load_run, model_free, parse_grid,
                                          recorded_summary, search, yaml_value)
 from decodelab.cli.args import Command, parse
 from decodelab.errors import UserError
 
-USAGE = ("usage: decodelab simulate RUN_DIR [--drafter NAME[,NAME]]... [--grid KEY=v1,v2,...]... [--top N] [--out PATH]\n"
-         f"  --drafter: model-free drafters to simulate: {', '.join(MODEL_FREE)} (default: {', '.join(DEFAULT_DRAFTERS)})\n"
-         "  --grid: values of one drafter setting (replaces its default grid); repeatable\n"
-         "  --top: print only the best N rows (simulate.json has all); --out: a folder or a .json path (default RUN_DIR)")
+
+
+def usage() -> str:
+    return ("usage: decodelab simulate RUN_DIR [--drafter NAME[,NAME]]... [--grid KEY=v1,v2,...]... [--top N] "
+            "[--out PATH]\n"
+            f"  --drafter: model-free drafters to simulate: {', '.join(model_free())} "
+            f"(default: {', '.join(exact_replays())})\n"
+            "  --grid: values of one drafter setting (replaces its default grid); repeatable\n"
+            "  --top: print only the best N rows (simulate.json has all); --out: a folder or a .json path (default RUN_DIR)")
+
+
 COMMAND = Command("simulate", "RUN_DIR", {"--drafter": "NAME", "--grid": "KEY=v1,v2", "--top": "N", "--out": "PATH"},
-                  repeatable=("--drafter", "--grid"), usage=USAGE)
+                  repeatable=("--drafter", "--grid"), usage=usage)
 
 
 def cli(args: List[str]) -> None:
@@ -24,9 +31,9 @@ def cli(args: List[str]) -> None:
         return
     names = [n.strip() for item in parsed.values["--drafter"] for n in str(item).split(",") if n.strip()]  # type: ignore[union-attr]
     for name in names:
-        if name not in MODEL_FREE:
-            raise UserError(f"--drafter {name}: not a model-free drafter; allowed: {', '.join(MODEL_FREE)}")
-    drafters = list(dict.fromkeys(names or DEFAULT_DRAFTERS))
+        if name not in model_free():
+            raise UserError(f"--drafter {name}: not a model-free drafter; allowed: {', '.join(model_free())}")
+    drafters = list(dict.fromkeys(names or exact_replays()))
     top = _top(parsed.value("--top"))
     run = load_run(parsed.source)
     result, best, out = search(run, drafters, parse_grid(parsed.values["--grid"]), parsed.value("--out"))  # type: ignore[arg-type]

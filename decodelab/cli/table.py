@@ -9,7 +9,7 @@ from typing import Dict, List
 from rich.console import Console
 from rich.table import Table
 
-from decodelab.config import LoggerConfig
+from decodelab.config import TrackingConfig
 
 QUALITY_COLUMNS = ("rouge_l", "exact_match", "pass@1", "distinct_2", "repetition_rate")
 # Shown when the run had a drafter: (summary key, column title).
@@ -40,17 +40,17 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_summary(summary: Dict[str, float], run_dir: Path, logger: LoggerConfig, remote_failures: List[str]) -> None:
+def print_summary(summary: Dict[str, float], run_dir: Path, tracking: TrackingConfig, remote_failures: List[str]) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(summary_table(summary))
     console.print(f"Run folder: {run_dir}")
-    if logger.mlflow is not None and not any(f.startswith("mlflow") for f in remote_failures):
-        uri = logger.mlflow.tracking_uri
+    if tracking.mlflow is not None and not any(f.startswith("mlflow") for f in remote_failures):
+        uri = tracking.mlflow.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
         if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
             console.print(f"Open the results: mlflow ui --backend-store-uri {uri}")
         else:
             console.print(f"Results logged to MLflow at {uri}")
-    if logger.wandb is not None and not any(f.startswith("wandb") for f in remote_failures):
+    if tracking.wandb is not None and not any(f.startswith("wandb") for f in remote_failures):
         console.print("W&B: offline runs upload with `wandb sync <run_dir>/wandb/offline-run-*`")

@@ -7,7 +7,7 @@ from typing import List
 
 from omegaconf import OmegaConf
 
-from decodelab.config import LoggerConfig
+from decodelab.config import TrackingConfig
 from decodelab.errors import UserError
 from decodelab.experiment.compose import compose
 from decodelab.tracking.tracker import upload_run
@@ -15,13 +15,13 @@ from decodelab.tracking.tracker import upload_run
 
 def cli(args: List[str]) -> None:
     if not args:
-        raise UserError("upload needs RUN_DIR, e.g. decodelab upload runs/2026-01-01_12-00-00_ab12cd logger=mlflow")
+        raise UserError("upload needs RUN_DIR, e.g. decodelab upload runs/2026-01-01_12-00-00_ab12cd tracking=mlflow")
     run_dir = Path(args[0])
     if not (run_dir / "samples.jsonl").exists():
         raise UserError(f"RUN_DIR: {run_dir} is not a decodelab run folder (no samples.jsonl)")
     cfg = compose(args[1:])
-    logger: LoggerConfig = OmegaConf.to_object(cfg.logger)  # type: ignore[assignment]
-    failures = upload_run(run_dir, logger)
+    tracking: TrackingConfig = OmegaConf.to_object(cfg.tracking)  # type: ignore[assignment]
+    failures = upload_run(run_dir, tracking)
     if failures:
         raise UserError("upload failed: " + "; ".join(failures))
     print(f"uploaded {run_dir}")

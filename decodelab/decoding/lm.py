@@ -7,7 +7,7 @@ mask), crop back to a length, or keep only chosen positions (the accepted path o
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -20,8 +20,12 @@ TREE_ATTENTION = ("eager", "sdpa")
 
 
 class LMAdapter:
-    def __init__(self, model: PreTrainedModel):
+    """``layers``: run only these decoder layers (then the final norm and LM head), for early-exit drafting
+    with the target's own weights (drafter=layer_skip); the skipped layers' cache entries stay empty."""
+
+    def __init__(self, model: PreTrainedModel, layers: Optional[Sequence[int]] = None):
         self.model = model
+        self.layers = list(layers) if layers is not None else None
         self.device = next(model.parameters()).device
         self.cache = DynamicCache(config=model.config)
         # Token ids whose keys/values the cache holds, in order.
@@ -97,12 +101,35 @@ class LMAdapter:
     def _run(self, ids: Sequence[int], **inputs) -> torch.Tensor:
         """One model call over ``ids`` after the cached tokens (``inputs``: mask, positions, logits kept); the
         cache, the token list and the forward count follow it. Float32 logits [rows, vocab]."""
-        out = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=self.device),
-                         past_key_values=self.cache, use_cache=True, **inputs)
-        self.cache = out.past_key_values
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        if self.layers is None:
+            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, **inputs)
+            self.cache, logits = out.past_key_values, out.logits
+        else:
+            logits = self._run_layers(input_ids, **inputs)
         self.tokens.extend(ids)
         self.forwards += 1
-        return out.logits[0].float()
+        return logits[0].float()
+
+    def _run_layers(self, input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """The model's own submodules for ``self.layers`` only (llama/qwen2 layout: embed_tokens, rotary_emb,
+        layers, norm, lm_head); nothing is copied. Chains only: a tree mask is not passed through."""
+        from transformers.masking_utils import create_causal_mask
+
+        base = self.model.model
+        hidden = base.embed_tokens(input_ids)
+        start = len(self.tokens)
+        position_ids = torch.arange(start, start + input_ids.size(1), device=self.device).unsqueeze(0)
+        # Sized against the first layer run: the skipped layers' cache entries stay empty.
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=self.cache, position_ids=position_ids, layer_idx=self.layers[0])
+        position_embeddings = base.rotary_emb(hidden, position_ids)
+        for i in self.layers:
+            hidden = base.layers[i](hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                                    position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.model.lm_head(base.norm(hidden))
 
     @torch.inference_mode()
     def keep(self, indices: Sequence[int]) -> None:
@@ -129,6 +156,8 @@ class LMAdapter:
 
     def check_tree_support(self) -> None:
         """Tree masks need a 4-D-mask attention and a cache whose positions are all the sequence's positions."""
+        if self.layers is not None:
+            raise NotImplementedError("token trees need the full model; an early-exit adapter drafts chains")
         impl = getattr(self.model.config, "_attn_implementation", "eager")
         if impl not in TREE_ATTENTION:
             raise NotImplementedError(f"token trees need attn_implementation in {TREE_ATTENTION}, got {impl!r}")

@@ -7,7 +7,7 @@ context, forwards the delta (usually the bonus token, or the last accepted draft
 and drafts autoregressively. The last drafted token is never forwarded: the next step's delta does it.
 ``Draft.probs`` is the strategy's own LogitsPipeline over the draft logits (what lossless speculative
 sampling needs); tokens are drawn from those rows. The draft-length controller
-(decodelab/draft_length.py) decides how many tokens to draft; the confidence rule sees the draft
+(decodelab/drafters/length.py) decides how many tokens to draft; the confidence rule sees the draft
 model's probability of its own token.
 
 Different tokenizers (``retokenize: true``; our simpler take on transformers'
@@ -71,7 +71,7 @@ class DraftModelConfig(DrafterConfig):
     retokenize: bool = False
     # retokenize: how many trailing target tokens are re-encoded with the draft text at the join.
     retokenize_window: int = 8
-    # How many tokens to draft per step: decodelab/draft_length.py.
+    # How many tokens to draft per step: decodelab/drafters/length.py.
     length: DraftLengthConfig = field(default_factory=DraftLengthConfig)
     # Candidates at the first draft position (a top-k token tree, see the module docstring); 1 drafts a chain.
     branching: int = 1

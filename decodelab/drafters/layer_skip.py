@@ -1,6 +1,6 @@
 """drafter=layer_skip: self-speculative decoding with the target's own weights (no second copy).
 
-The draft model is the target cut short: the embedding, the first ``exit_layer`` decoder layers (or every
+The draft model is the target cut short (an LMAdapter with ``layers``): the embedding, the first ``exit_layer`` decoder layers (or every
 layer except ``skip_layers``), then the target's final norm and LM head (early exit as in LayerSkip /
 Draft & Verify / SWIFT; training-free here, so acceptance depends on how well the model's intermediate
 layers already predict through its head). The drafter keeps its own KV cache (a transformers
@@ -15,9 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-import torch
 
-from transformers.masking_utils import create_causal_mask
 
 from decodelab.decoding.lm import LMAdapter
 from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
@@ -37,7 +35,7 @@ class LayerSkipConfig(DrafterConfig):
     exit_layer: Optional[int] = None
     # Alternatively: draft with every layer except these (0-based); needs exit_layer=null.
     skip_layers: List[int] = field(default_factory=list)
-    # How many tokens to draft per step: decodelab/draft_length.py.
+    # How many tokens to draft per step: decodelab/drafters/length.py.
     length: DraftLengthConfig = field(default_factory=DraftLengthConfig)
 
     def set_draft_length(self, length: int) -> None:
@@ -64,40 +62,6 @@ class LayerSkipConfig(DrafterConfig):
         check(1 <= exit_layer <= num_layers, f"{key}.exit_layer",
               f"must be in [1, {num_layers}] (the model has {num_layers} layers), got {exit_layer}")
         return list(range(exit_layer))
-
-
-class EarlyExitLM(LMAdapter):
-    """The target run through a subset of its decoder layers, with its own KV cache.
-
-    An LMAdapter (prefill / crop / ``tokens`` are inherited) whose forward calls the model's submodules
-    directly for the chosen layers only; nothing is copied.
-    """
-
-    def __init__(self, model, layer_ids: List[int]):
-        super().__init__(model)
-        self.base = model.model
-        self.config = model.config
-        self.layer_ids = list(layer_ids)
-
-    @torch.inference_mode()
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        hidden = self.base.embed_tokens(input_ids)
-        start = len(self.tokens)
-        position_ids = torch.arange(start, start + input_ids.size(1), device=self.device).unsqueeze(0)
-        # Sized against the first layer we run: the skipped layers' cache entries stay empty.
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=self.cache, position_ids=position_ids, layer_idx=self.layer_ids[0])
-        position_embeddings = self.base.rotary_emb(hidden, position_ids)
-        for i in self.layer_ids:
-            hidden = self.base.layers[i](hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                                         position_ids=position_ids, past_key_values=self.cache, use_cache=True)
-        if last_only:
-            hidden = hidden[:, -1:]
-        logits = self.model.lm_head(self.base.norm(hidden))
-        self.tokens.extend(ids)
-        self.forwards += 1
-        return logits[0].float()
 
 
 def check_supported(model) -> None:
@@ -131,7 +95,7 @@ class LayerSkipDrafter(ChainDrafter):
         self.vocab = output_vocab(model)
         self.eos_ids = model_eos_ids(model, loaded.tokenizer)
         self._init_common(cfg, pipeline, seed, next(model.parameters()).device)
-        self.lm = EarlyExitLM(model, self.layer_ids)
+        self.lm = LMAdapter(model, layers=self.layer_ids)
 
     def propose(self, context: Sequence[int]) -> Draft:
         return self._draft_chain(context, self.controller.next_length())

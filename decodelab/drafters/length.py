@@ -38,7 +38,7 @@ POLICIES = ("fixed", "heuristic", "confidence", "ucb")
 
 @dataclass
 class DraftLengthConfig:
-    # fixed | heuristic | confidence | ucb (see decodelab/draft_length.py).
+    # fixed | heuristic | confidence | ucb (see decodelab/drafters/length.py).
     policy: str = "fixed"
     # fixed: the draft length; heuristic: the starting length.
     k: int = 4

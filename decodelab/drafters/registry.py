@@ -4,7 +4,6 @@ registry finds it by importing every module of this package."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from typing import Any, Dict, List, Type
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import decodelab.drafters as drafters_package
-from decodelab.config import DrafterConfig
+from decodelab.config import DrafterConfig, check_keys
 from decodelab.drafters.base import Drafter
 from decodelab.errors import ConfigError, UserError, one_line
 
@@ -43,11 +42,7 @@ def drafter_config(node: Any) -> DrafterConfig:
     if isinstance(node, DrafterConfig):
         return node
     node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
-    name = node.get("name", None)
-    if name not in REGISTRY:
-        raise ConfigError("drafter.name", f"unknown drafter {name!r}, available: {', '.join(REGISTRY)}")
-    schema = REGISTRY[name].config_class
-    _check_keys(node, schema, "drafter", name)
+    schema = check_drafter_keys(OmegaConf.to_container(node, resolve=False))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         typed: DrafterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -56,27 +51,14 @@ def drafter_config(node: Any) -> DrafterConfig:
     return typed
 
 
-def _check_keys(node: Any, schema: type, prefix: str, name: str) -> None:
-    """Unknown keys, at any depth of nested dataclass fields, named with what is allowed there."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in node.keys():
-        if key not in fields:
-            raise ConfigError(f"{prefix}.{key}", f"unknown key for drafter={name}; allowed: {', '.join(fields)}")
-        nested = fields[key].type
-        nested = nested if isinstance(nested, type) else _resolve(schema, key)
-        value = node[key]
-        if dataclasses.is_dataclass(nested):
-            if not isinstance(value, DictConfig):
-                raise ConfigError(f"{prefix}.{key}", f"expected a {nested.__name__} block, got {value!r}"
-                                  + ("; pick a model with model@drafter.model=<option> (decodelab list)"
-                                     if key == "model" else ""))
-            _check_keys(value, nested, f"{prefix}.{key}", name)
-
-
-def _resolve(schema: type, key: str) -> Any:
-    import typing
-
-    return typing.get_type_hints(schema).get(key)
+def check_drafter_keys(node: Dict[str, Any]) -> type:
+    """The schema of the drafter a plain node names, after checking the node's keys against it."""
+    name = node.get("name", None)
+    if name not in REGISTRY:
+        raise ConfigError("drafter.name", f"unknown drafter {name!r}, available: {', '.join(REGISTRY)}")
+    schema = REGISTRY[name].config_class
+    check_keys(node, schema, "drafter", f" for drafter={name}")
+    return schema
 
 
 def draft_length_drafters() -> List[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Iterable, List, Sequence
@@ -14,10 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from decodelab.config import RunConfig
-from decodelab.errors import UserError, one_line
+from decodelab.errors import UserError, one_line, warn
 
-GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger", "launcher", "experiment")
-VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "task", "logger")
+GROUPS = ("model", "backend", "drafter", "strategy", "task", "tracking", "launcher", "experiment")
+VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "task", "tracking")
 MAX_PREFLIGHT_JOBS = 1024
 
 
@@ -54,12 +53,46 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     check_group_options(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides),
-                                 return_hydra_config=return_hydra_config)
+            cfg = hydra_compose(config_name="config", overrides=list(overrides),
+                                return_hydra_config=return_hydra_config)
+        check_run_keys(cfg)
+        return cfg
     except UserError:
         raise
     except Exception as err:  # Hydra and OmegaConf raise many kinds; all are bad input here.
-        raise UserError(one_line(err, allowed_keys)) from None
+        raise UserError(_group_hint(one_line(err, allowed_keys))) from None
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """No key the schemas lack, anywhere in a composed config, including ``+key=value`` additions (which the
+    typed config would drop without a word)."""
+    from decodelab.config import check_keys
+    from decodelab.drafters.registry import check_drafter_keys
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)  # type: ignore[union-attr]
+    drafter = plain.pop("drafter", None)  # type: ignore[union-attr]
+    check_keys(plain, RunConfig)
+    if isinstance(drafter, dict):
+        check_drafter_keys(drafter)
+
+
+def _group_hint(message: str) -> str:
+    """A group option assigned as a plain string (``drafter.model=qwen2.5-coder-0.5b``) is a block picked with
+    ``<group>@<key>=<option>``: say so, instead of OmegaConf's type complaint."""
+    import dataclasses
+    import re
+
+    match = re.match(r"^(\S+): Invalid type assigned: str is not a subclass of (\w+)\. value: (.*)$", message)
+    if not match:
+        return message
+    key, schema, value = match.groups()
+    groups = {f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in dataclasses.fields(RunConfig)}
+    group = groups.get(schema)
+    if group is None:
+        return message
+    return (f"{key}: expected a {schema} block, got {value!r}; pick a {group} with {group}@{key}=<option> "
+            "(decodelab list)")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -108,7 +141,7 @@ def validate_overrides(overrides: Sequence[str], multirun: bool) -> None:
     if failures and len(failures) == len(jobs):
         raise UserError(failures[0][1])
     for job, message in failures:
-        print(f"decodelab: warning: job [{' '.join(job)}] will fail: {message}", file=sys.stderr)
+        warn(f"job [{' '.join(job)}] will fail: {message}")
 
 
 def sweeper_params(overrides: Sequence[str]) -> List[str]:
@@ -152,6 +185,8 @@ def check_group_options(overrides: Iterable[str]) -> None:
     for line in overrides:
         key, sep, value = line.partition("=")
         key = key.lstrip("+~")
+        if key.split(".")[0] == "logger":
+            raise UserError(f"{line}: the logger group is now called tracking; write tracking{line.partition('logger')[2]}")
         if not sep or key not in GROUPS or value in ("", "null"):
             continue
         options = group_options(key)
@@ -173,18 +208,29 @@ def allowed_keys(full_key: str) -> List[str]:
         return []
 
 
+SCHEMA_GROUP = "schema"
+
+
 def register_configs() -> None:
-    """Register the run schema so that conf/config.yaml can name it in its defaults list."""
+    """Register the schemas in Hydra's ConfigStore: the run schema (first in conf/config.yaml's defaults, it types
+    model, backend, strategy, task and tracking) and one ``schema/drafter/<name>`` node per registered drafter.
+    A conf/drafter YAML extends its node (``defaults: [/schema/drafter/<name>@_here_, _self_]``), so every YAML
+    holds only what differs from its dataclass defaults, and a mistyped key fails at composition."""
     from hydra.core.config_store import ConfigStore
 
+    from decodelab.drafters.registry import REGISTRY
 
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for name, drafter in REGISTRY.items():
+        store.store(group=f"{SCHEMA_GROUP}/drafter", name=name, node=drafter.config_class)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve, type and validate a composed config; raises UserError on bad values."""
     from decodelab.drafters.registry import drafter_config
 
+    check_run_keys(cfg)
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:

@@ -1,7 +1,7 @@
 """Resume by config hash: skip a config that already finished, complete an unfinished one from its samples.
 
 A run's identity is the hash of its typed config without the keys that only say where results go or how
-they are shown (output folder, loggers, progress bars, names, tags, resume settings). Every run records
+they are shown (output folder, trackers, progress bars, names, tags, resume settings). Every run records
 its hash in its tags (tracking.json, MLflow tag ``config_hash``) when it starts, so a re-run of a sweep
 finds earlier runs of the same config under ``resume_dir`` whatever folder they were written to.
 """
@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from decodelab.config import RunConfig
-from decodelab.tracking.run_folder import SUMMARY_FILE, TRACKING_FILE, iter_samples, read_json
+from decodelab.errors import UserError
+from decodelab.tracking.run_folder import SUMMARY_FILE, TRACKING_FILE, RunFolder
 
 # Where results go or how they are shown: not part of what a run computes.
-NOT_HASHED = ("logger", "output_dir", "progress", "print_table", "run_name", "tags", "resume", "resume_dir",
+NOT_HASHED = ("tracking", "output_dir", "progress", "print_table", "run_name", "tags", "resume", "resume_dir",
               "experiment", "draft_length")
 
 
@@ -52,16 +53,17 @@ def find_previous(resume_dir: Path, digest: str, exclude: Path) -> Optional[Prev
         run_dir = tracking.parent
         if run_dir.resolve() == exclude.resolve():
             continue
+        folder = RunFolder(run_dir)
         try:
-            if read_json(tracking).get("tags", {}).get("config_hash") != digest:
+            if folder.tracking().get("tags", {}).get("config_hash") != digest:
                 continue
-            summary = read_json(run_dir / SUMMARY_FILE) if (run_dir / SUMMARY_FILE).is_file() else {}
-        except (OSError, ValueError):
+            summary = folder.summary() or {}
+        except UserError:
             continue  # a half-written file of a killed run: not a candidate
         if summary.get("status") == "FINISHED":
             finished.append(Previous(run_dir, True, summary))
         else:
-            unfinished.append(Previous(run_dir, False, summary, list(iter_samples(run_dir))))
+            unfinished.append(Previous(run_dir, False, summary, folder.samples()))
     if finished:
         return max(finished, key=lambda p: (p.run_dir / SUMMARY_FILE).stat().st_mtime)
     unfinished = [p for p in unfinished if p.samples]

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from decodelab.config import BackendConfig, LoggerConfig, RunConfig
+from decodelab.config import BackendConfig, TrackingConfig, RunConfig
 from decodelab.decoding.engine import decode
 from decodelab.decoding.lm import LMAdapter
 from decodelab.decoding.logits import LogitsPipeline
@@ -27,6 +27,7 @@ from decodelab.models.loading import LoadedModel, load_model, resolve_device
 from decodelab.tasks import load_task
 from decodelab.tasks.base import Prompt
 from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV
+from decodelab.errors import notice
 
 
 def setup_backend(backend: BackendConfig) -> None:
@@ -179,8 +180,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# What a front end shows at the end of a run: (summary, run folder, logger config, remote trackers that failed).
-Show = Callable[[Dict[str, float], Path, LoggerConfig, List[str]], None]
+# What a front end shows at the end of a run: (summary, run folder, tracking config, remote trackers that failed).
+Show = Callable[[Dict[str, float], Path, TrackingConfig, List[str]], None]
 
 
 def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] = None) -> Dict[str, float]:
@@ -211,7 +212,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
     tags = {**run_cfg.tags, "model_fingerprint": loaded.fingerprint, "config_hash": digest}
     if previous is not None:
         tags["resumed_from"] = str(previous.run_dir)
-    tracker = Tracker(run_dir, run_cfg.logger, run_name, tags=tags)
+    tracker = Tracker(run_dir, run_cfg.tracking, run_name, tags=tags)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(resolved, environment_fingerprint(seeds={"backend": run_cfg.backend.seed, "strategy": runner.seed},
                                                     threads=torch.get_num_threads()))
@@ -230,7 +231,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
     plots = acceptance_plots(lists["accepted_histogram"], lists["per_position_acceptance"], run_dir, run_name)
     tracker.finish({**summary, **lists} if plots else summary, artifacts=plots)
     if run_cfg.print_table and show is not None:
-        show(summary, run_dir, run_cfg.logger, tracker.remote_failures)
+        show(summary, run_dir, run_cfg.tracking, tracker.remote_failures)
     return {**summary, "status": "FINISHED"}
 
 
@@ -241,8 +242,7 @@ def _reuse(previous, run_dir: Path, digest: str) -> Dict[str, float]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / REUSED_FILE, {"run_dir": str(previous.run_dir), "config_hash": digest})
-    print(f"decodelab: config {digest} already finished in {previous.run_dir}; reusing it (resume=false to re-run)",
-          file=sys.stderr, flush=True)
+    notice(f"config {digest} already finished in {previous.run_dir}; reusing it (resume=false to re-run)")
     return {**previous.summary, "status": "FINISHED", "reused_from": str(previous.run_dir)}
 
 
@@ -252,15 +252,15 @@ def record_failure(cfg: DictConfig, output_dir: str, error: str) -> None:
     from decodelab.tracking.tracker import Tracker
 
     try:
-        logger: Optional[LoggerConfig] = OmegaConf.to_object(cfg.logger)  # type: ignore[assignment]
-    except Exception:  # noqa: BLE001 - the logger config itself may be what is broken
-        logger = None
+        tracking: Optional[TrackingConfig] = OmegaConf.to_object(cfg.tracking)  # type: ignore[assignment]
+    except Exception:  # noqa: BLE001 - the tracking config itself may be what is broken
+        tracking = None
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001
         config = OmegaConf.to_container(cfg, resolve=False)
     name = "|".join(str(OmegaConf.select(cfg, f"{k}.name", default="?")) for k in ("model", "drafter", "strategy", "task"))
-    tracker = Tracker(output_dir, logger or LoggerConfig(), name, tags={"failed_before_start": "true"})
+    tracker = Tracker(output_dir, tracking or TrackingConfig(), name, tags={"failed_before_start": "true"})
     tracker.start(config, {})
     tracker.finish({}, status="FAILED", error=error)
 

@@ -8,27 +8,27 @@ and W&B runs merge (each job finishes its own run; the sweep only names their gr
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV, REUSED_FILE, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, read_sweep_meta
-from decodelab.tracking.run_folder import plain, read_json, write_json
+from decodelab.tracking.run_folder import UNFINISHED, UNREADABLE, RunFolder, plain, write_json
+from decodelab.tracking.sweep_folder import (SWEEP_DIR_ENV, SWEEP_FILE, SWEEP_SUMMARY_FILE, job_dirs, job_overrides,
+                                             read_sweep_meta, read_sweep_summary, reused)
 from decodelab.tracking.mlflow_remote import PARENT_RUN_ENV
 from decodelab.tracking.wandb_remote import GROUP_ENV as WANDB_GROUP_ENV
+from decodelab.errors import warn
 
 SWEEP_NAME_ENV = "DECODELAB_SWEEP_NAME"
-# The sweep folder of the multirun that ran last in this process (the CLI reads its summary for the exit code).
-LAST_SWEEP: Dict[str, Optional[Path]] = {"dir": None}
+# The sweep folder (and report) of the multirun that ran last in this process: the CLI prints its summary and
+# exits non-zero when jobs failed.
+LAST_SWEEP: Dict[str, Optional[Path]] = {"dir": None, "report": None}
 # Job statuses that make a sweep's command fail (REUSED and FINISHED jobs have results).
-FAILED_STATUSES = ("FAILED", "UNFINISHED", "UNREADABLE")
+FAILED_STATUSES = ("FAILED", UNFINISHED, UNREADABLE)
 
 
 class SweepCallback(Callback):
@@ -62,13 +62,7 @@ class SweepCallback(Callback):
         write_json(sweep_dir / SWEEP_SUMMARY_FILE, summary)
         report = _write_report(sweep_dir)
         self._finish_parent(sweep_dir, counts)
-        failed = [r for r in rows if r["status"] in FAILED_STATUSES]
-        line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        print(f"decodelab: sweep {sweep_dir}: {line or 'no jobs'}; summary: {sweep_dir / SWEEP_SUMMARY_FILE}"
-              + (f"; report: {report}" if report else ""), file=sys.stderr, flush=True)
-        for row in failed:
-            print(f"decodelab: job {row['job']} ({' '.join(row['overrides'])}) {row['status']}: {row['error']}",
-                  file=sys.stderr, flush=True)
+        LAST_SWEEP["report"] = report
         leave_sweep()
 
     def _finish_parent(self, sweep_dir: Path, counts: Dict[str, int]) -> None:
@@ -84,7 +78,7 @@ class SweepCallback(Callback):
             client.log_artifact(run_id, str(sweep_dir / SWEEP_SUMMARY_FILE))
             client.set_terminated(run_id, "FINISHED")
         except Exception as err:  # noqa: BLE001 - the local summary is the record; MLflow is best effort
-            print(f"decodelab: warning: could not finish the MLflow parent run: {err}", file=sys.stderr)
+            warn(f"could not finish the MLflow parent run: {err}")
 
 
 def adopt_sweep(sweep_dir: Path) -> None:
@@ -107,17 +101,15 @@ def leave_sweep() -> None:
 def summarize_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
     """One row per job folder: status FINISHED | FAILED | UNFINISHED | UNREADABLE | REUSED, error, run folder,
     overrides."""
-    from decodelab.analysis.report import UNFINISHED, load_job
+    from decodelab.analysis.report import load_job
 
     rows = []
     for folder in job_dirs(sweep_dir):
-        overrides_file = folder / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        row: Dict[str, Any] = {"job": folder.name, "overrides": overrides or [], "run_dir": str(folder),
-                               "status": "UNFINISHED", "error": None}
-        if (folder / REUSED_FILE).is_file():
-            reused = read_json(folder / REUSED_FILE)
-            row.update(status="REUSED", run_dir=reused["run_dir"], config_hash=reused.get("config_hash"))
+        row: Dict[str, Any] = {"job": folder.name, "overrides": job_overrides(folder), "run_dir": str(folder),
+                               "status": UNFINISHED, "error": None}
+        earlier = reused(folder)
+        if earlier is not None:
+            row.update(status="REUSED", run_dir=earlier["run_dir"], config_hash=earlier.get("config_hash"))
         else:
             job = load_job(folder, folder.name)  # the report's reading of a job folder: one rule for both
             row.update(status=job.status, error=job.error)
@@ -126,9 +118,9 @@ def summarize_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
             for key in ("speedup", "throughput_tok_s", "mean_accepted_length", "acceptance_rate", "lossless_rate"):
                 if key in job.summary:
                     row[key] = job.summary[key]
-        tracking = folder / "tracking.json"
-        if tracking.is_file():
-            row.setdefault("config_hash", read_json(tracking).get("tags", {}).get("config_hash"))
+        tracking = RunFolder(folder).tracking()
+        if tracking:
+            row.setdefault("config_hash", tracking.get("tags", {}).get("config_hash"))
         rows.append(row)
     return rows
 
@@ -139,7 +131,7 @@ def _target(node: Any) -> str:
 
 def _create_parent_run(config: DictConfig, name: str, sweep_dir: Path) -> Optional[Dict[str, str]]:
     """The MLflow parent run of the sweep, when the sweep logs to MLflow; None otherwise or when MLflow is down."""
-    mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
+    mlflow_cfg = OmegaConf.select(config, "tracking.mlflow")
     if mlflow_cfg is None:
         return None
     try:
@@ -154,8 +146,7 @@ def _create_parent_run(config: DictConfig, name: str, sweep_dir: Path) -> Option
         uri, experiment = _absolute_sqlite(remote.cfg.tracking_uri), remote.cfg.experiment
         return {"parent_run_id": run.info.run_id, "tracking_uri": uri, "experiment": experiment}
     except Exception as err:  # noqa: BLE001 - jobs still log locally (and as top-level MLflow runs)
-        print(f"decodelab: warning: could not create the MLflow parent run ({type(err).__name__}: {err}); "
-              "jobs log without a parent", file=sys.stderr, flush=True)
+        warn(f"could not create the MLflow parent run ({type(err).__name__}: {err}); jobs log without a parent")
         return None
 
 
@@ -175,12 +166,9 @@ def _write_report(sweep_dir: Path) -> Optional[Path]:
         written = write_report(sweep_dir, None)
         return Path(written.get("markdown", sweep_dir / "report")) if isinstance(written, dict) else None
     except Exception as err:  # noqa: BLE001
-        print(f"decodelab: warning: sweep report failed ({type(err).__name__}: {err}); "
-              f"run: decodelab report {sweep_dir}", file=sys.stderr, flush=True)
+        warn(f"sweep report failed ({type(err).__name__}: {err}); run: decodelab report {sweep_dir}")
         return None
 
 
 def sweep_failures(sweep_dir: Path) -> List[Dict[str, Any]]:
-    path = sweep_dir / SWEEP_SUMMARY_FILE
-    rows = json.loads(path.read_text())["jobs"] if path.is_file() else []
-    return [plain(r) for r in rows if r["status"] in FAILED_STATUSES]
+    return [plain(r) for r in read_sweep_summary(sweep_dir) if r["status"] in FAILED_STATUSES]

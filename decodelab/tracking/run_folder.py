@@ -18,9 +18,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Dict, Iterator, List, Optional
 
 import yaml
+
+from decodelab.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -28,6 +30,9 @@ SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 TRACKING_FILE = "tracking.json"
 RUN_FILES = (CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, FINGERPRINT_FILE)
+# A run's status when its folder has config.yaml but no summary.json (killed, or still running), and when
+# summary.json cannot be read (torn by a crash mid-write).
+FINISHED, UNFINISHED, UNREADABLE = "FINISHED", "UNFINISHED", "UNREADABLE"
 
 
 def plain(value: Any) -> Any:
@@ -108,17 +113,90 @@ class LocalRun:
         write_json(self.path(TRACKING_FILE), info)
 
 
-def iter_samples(run_dir: str | Path) -> Iterator[dict]:
-    """Records of samples.jsonl; a torn last line (crash mid-write) is skipped."""
-    path = Path(run_dir) / SAMPLES_FILE
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+class FolderError(UserError):
+    """A file of a run folder is missing or unreadable. ``detail`` names the file and the fault, so each command
+    can lead it with its own argument (``RUN: <label>/<detail>``)."""
+
+    def __init__(self, folder: Path, detail: str):
+        self.folder, self.detail = folder, detail
+        super().__init__(f"{folder}/{detail}")
+
+
+class RunFolder:
+    """The one reader of a run folder (written by LocalRun): every command that reads runs goes through it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def config(self) -> Dict[str, Any]:
+        """The resolved config; FolderError when config.yaml is missing, not YAML or not a mapping."""
+        if not self.has(CONFIG_FILE):
+            raise FolderError(self.path, f"{CONFIG_FILE} is missing")
+        try:
+            config = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            raise FolderError(self.path, f"{CONFIG_FILE} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise FolderError(self.path, f"{CONFIG_FILE} is not a mapping of config keys")
+        if "logger" in config and "tracking" not in config:  # run folders written before the group's rename
+            config["tracking"] = config.pop("logger")
+        return config
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        """summary.json, None while the run has not finished; FolderError when it is torn or not an object."""
+        if not self.has(SUMMARY_FILE):
+            return None
+        return self._json(SUMMARY_FILE)
+
+    def status(self) -> tuple[str, Optional[str], Dict[str, Any]]:
+        """(status, error, summary): FINISHED/FAILED/... from summary.json, UNFINISHED without one, UNREADABLE
+        when it cannot be read."""
+        try:
+            summary = self.summary()
+        except FolderError as err:
+            return UNREADABLE, err.detail, {}
+        if summary is None:
+            return UNFINISHED, None, {}
+        return str(summary.get("status") or FINISHED), summary.get("error"), summary
+
+    def fingerprint(self) -> Dict[str, Any]:
+        return self._json(FINGERPRINT_FILE) if self.has(FINGERPRINT_FILE) else {}
+
+    def tracking(self) -> Dict[str, Any]:
+        return self._json(TRACKING_FILE) if self.has(TRACKING_FILE) else {}
+
+    def samples(self, strict: bool = False) -> List[dict]:
+        """Records of samples.jsonl in order. Lenient: a torn line (crash mid-write) is skipped. Strict: it is a
+        FolderError naming the line."""
+        return list(self.iter_samples(strict))
+
+    def iter_samples(self, strict: bool = False) -> Iterator[dict]:
+        path = self.path / SAMPLES_FILE
+        if not path.is_file():
+            return
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    if strict:
+                        raise FolderError(self.path, f"{SAMPLES_FILE} line {lineno} is not valid JSON ({err.msg})") \
+                            from None
+                    continue
+                yield record
+
+    def _json(self, name: str) -> Dict[str, Any]:
+        try:
+            data = read_json(self.path / name)
+        except (OSError, ValueError) as err:
+            raise FolderError(self.path, f"{name}: {err}") from None
+        if not isinstance(data, dict):
+            raise FolderError(self.path, f"{name} is not a JSON object")
+        return data
+

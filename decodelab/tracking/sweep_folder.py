@@ -1,10 +1,12 @@
-"""The on-disk layout of a sweep (a Hydra multirun), shared by the sweep callback, report and resume.
+"""The on-disk layout of a sweep (a Hydra multirun) and its one reader, shared by the sweep callback, report,
+reproduce, simulate and resume.
 
 ::
 
     <sweep_dir>/
       sweep.json            name, start time, overrides, MLflow parent run (id, uri, experiment), W&B group
-      <job>/                a run folder (see decodelab/tracking/local.py), one per job
+      <job>/                a run folder (see decodelab/tracking/run_folder.py), one per job
+      <job>/.hydra/         Hydra's record of the job (overrides.yaml: the job's overrides)
       <job>/reused.json     instead of a run, when resume found this config already finished elsewhere:
                             {"run_dir": <that run folder>, "config_hash": ...}
       sweep_summary.json    written when the multirun ends: one row per job (status, error, run folder)
@@ -12,9 +14,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from decodelab.tracking.run_folder import CONFIG_FILE, read_json
 
 SWEEP_FILE = "sweep.json"
 SWEEP_SUMMARY_FILE = "sweep_summary.json"
@@ -24,15 +29,38 @@ REUSED_FILE = "reused.json"
 SWEEP_DIR_ENV = "DECODELAB_SWEEP_DIR"
 
 
+def is_sweep(folder: Path) -> bool:
+    """A sweep folder: written by the sweep callback, or at least by Hydra's multirun."""
+    return (Path(folder) / SWEEP_FILE).is_file() or (Path(folder) / "multirun.yaml").is_file()
+
+
 def read_sweep_meta(sweep_dir: Path) -> Dict[str, Any]:
     path = Path(sweep_dir) / SWEEP_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
+
+
+def read_sweep_summary(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """The job rows of sweep_summary.json ([] before the multirun has ended)."""
+    path = Path(sweep_dir) / SWEEP_SUMMARY_FILE
+    return list(read_json(path)["jobs"]) if path.is_file() else []
+
+
+def reused(job_dir: Path) -> Optional[Dict[str, Any]]:
+    """reused.json of a job that resume satisfied with an earlier run, else None."""
+    path = Path(job_dir) / REUSED_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def job_overrides(job_dir: Path) -> List[str]:
+    """The overrides Hydra recorded for a job ([] when it recorded none)."""
+    path = Path(job_dir) / ".hydra" / "overrides.yaml"
+    return list(yaml.safe_load(path.read_text(encoding="utf-8")) or []) if path.is_file() else []
 
 
 def job_dirs(sweep_dir: Path) -> List[Path]:
     """Job folders of a sweep in job order (numeric names first, then by name)."""
     folders = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and
-               ((p / "config.yaml").is_file() or (p / REUSED_FILE).is_file())]
+               ((p / CONFIG_FILE).is_file() or (p / REUSED_FILE).is_file())]
     return sorted(folders, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
@@ -40,11 +68,9 @@ def run_dirs(sweep_dir: Path) -> List[Path]:
     """The run folder behind every job, following ``reused.json`` to the earlier run a resumed job stands for."""
     out = []
     for folder in job_dirs(sweep_dir):
-        reused = folder / REUSED_FILE
-        if reused.is_file():
-            target = Path(json.loads(reused.read_text(encoding="utf-8"))["run_dir"])
-            if (target / "config.yaml").is_file():
-                out.append(target)
-            continue
-        out.append(folder)
+        earlier = reused(folder)
+        if earlier is None:
+            out.append(folder)
+        elif (Path(earlier["run_dir"]) / CONFIG_FILE).is_file():
+            out.append(Path(earlier["run_dir"]))
     return out

@@ -1,22 +1,18 @@
 """Where results go: the local run folder always, MLflow and W&B when enabled.
 
-The local folder is the source of truth (see ``local.py``). Remotes are best effort: any exception from
+The local folder is the source of truth (see ``run_folder.py``). Remotes are best effort: any exception from
 one disables it for the rest of the run, is recorded in ``remote_failures`` and printed once, and the run
 goes on; ``decodelab upload <run_dir>`` replays the folder to the remotes later.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol
 
-import yaml
-
-from decodelab.config import LoggerConfig
-from decodelab.errors import UserError
-from decodelab.tracking.run_folder import (CONFIG_FILE, FINGERPRINT_FILE, RUN_FILES, SUMMARY_FILE, TRACKING_FILE,
-                                      LocalRun, iter_samples, read_json)
+from decodelab.config import TrackingConfig
+from decodelab.errors import UserError, warn
+from decodelab.tracking.run_folder import CONFIG_FILE, RUN_FILES, LocalRun, RunFolder
 
 __all__ = ["Tracker", "upload_run", "build_remotes"]
 
@@ -39,19 +35,19 @@ class Remote(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def build_remotes(logger_cfg: Optional[LoggerConfig]) -> list[Remote]:
+def build_remotes(tracking_cfg: Optional[TrackingConfig]) -> list[Remote]:
     """The enabled remotes; imports nothing heavy (mlflow/wandb load only when a run starts)."""
     remotes: list[Remote] = []
-    if logger_cfg is None:
+    if tracking_cfg is None:
         return remotes
-    if logger_cfg.mlflow is not None:
+    if tracking_cfg.mlflow is not None:
         from decodelab.tracking.mlflow_remote import MlflowRemote
 
-        remotes.append(MlflowRemote(logger_cfg.mlflow))
-    if logger_cfg.wandb is not None and logger_cfg.wandb.mode != "disabled":
+        remotes.append(MlflowRemote(tracking_cfg.mlflow))
+    if tracking_cfg.wandb is not None and tracking_cfg.wandb.mode != "disabled":
         from decodelab.tracking.wandb_remote import WandbRemote
 
-        remotes.append(WandbRemote(logger_cfg.wandb))
+        remotes.append(WandbRemote(tracking_cfg.wandb))
     return remotes
 
 
@@ -80,8 +76,7 @@ class _Fanout:
         self.live.remove(remote)
         message = f"{remote.name}: {_describe_error(exc)}"
         self.failures.append(message)
-        print(f"decodelab: warning: {message} (during {method}; {remote.name} disabled for this run, "
-              "local files are kept)", file=sys.stderr, flush=True)
+        warn(f"{message} (during {method}; {remote.name} disabled for this run, local files are kept)")
         if method != "finish":
             self._abandon(remote)
 
@@ -106,13 +101,13 @@ class _Fanout:
 class Tracker:
     """Fans out to the local run folder (always; the source of truth) and the enabled remotes."""
 
-    def __init__(self, run_dir: str | Path, logger_cfg: LoggerConfig, run_name: str,
+    def __init__(self, run_dir: str | Path, tracking_cfg: TrackingConfig, run_name: str,
                  tags: dict[str, str] | None = None):
         self.local = LocalRun(run_dir)
         self.run_dir = self.local.run_dir
         self.run_name = run_name
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        self._fanout = _Fanout(build_remotes(logger_cfg))
+        self._fanout = _Fanout(build_remotes(tracking_cfg))
         self.remote_failures: list[str] = self._fanout.failures
 
     def start(self, resolved_config: dict, fingerprint: dict) -> None:
@@ -134,11 +129,11 @@ class Tracker:
         self._write_tracking(extra)
         if self._fanout.live:
             files = [self.run_dir / name for name in RUN_FILES] + extra
-            self._fanout.call("finish", summary, status, error, files, list(iter_samples(self.run_dir)))
+            self._fanout.call("finish", summary, status, error, files, RunFolder(self.run_dir).samples())
         self._write_tracking(extra)
         if self.remote_failures:
-            print(f"decodelab: warning: remote logging incomplete; the run is complete in {self.run_dir}. "
-                  f"Upload it later with: decodelab upload {self.run_dir}", file=sys.stderr, flush=True)
+            warn(f"remote logging incomplete; the run is complete in {self.run_dir}. "
+                 f"Upload it later with: decodelab upload {self.run_dir}")
 
     def _write_tracking(self, artifacts: list[Path]) -> None:
         """What upload_run needs beyond the run files: name, tags, extra artifacts; plus remote ids."""
@@ -148,31 +143,28 @@ class Tracker:
                                    "remote_failures": self.remote_failures})
 
 
-def _read_run(run_dir: Path) -> tuple[dict, dict, dict, dict]:
+def _read_run(folder: RunFolder) -> tuple[dict, dict, dict, dict]:
     """config, fingerprint, summary and tracking info of a run folder (missing optional files -> {})."""
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"{run_dir}: not a decodelab run folder (no {CONFIG_FILE})")
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-    fingerprint = read_json(run_dir / FINGERPRINT_FILE) if (run_dir / FINGERPRINT_FILE).is_file() else {}
-    info = read_json(run_dir / TRACKING_FILE) if (run_dir / TRACKING_FILE).is_file() else {}
-    if (run_dir / SUMMARY_FILE).is_file():
-        summary = read_json(run_dir / SUMMARY_FILE)
-    else:
+    if not folder.has(CONFIG_FILE):
+        raise UserError(f"{folder.path}: not a decodelab run folder (no {CONFIG_FILE})")
+    summary = folder.summary()
+    if summary is None:
         summary = {"status": "FAILED", "error": "no summary.json: the run did not finish"}
-    return config, fingerprint, summary, info
+    return folder.config(), folder.fingerprint(), summary, folder.tracking()
 
 
-def upload_run(run_dir: str | Path, logger_cfg: LoggerConfig) -> list[str]:
+def upload_run(run_dir: str | Path, tracking_cfg: TrackingConfig) -> list[str]:
     """Re-log a local run folder to the enabled remotes; returns the failures (empty on success).
 
     Each upload creates new remote runs (tagged ``decodelab.uploaded``), so a run whose live logging
     failed half-way can be replayed in full.
     """
     local = LocalRun(run_dir)
-    config, fingerprint, summary, info = _read_run(local.run_dir)
-    remotes = build_remotes(logger_cfg)
+    folder = RunFolder(local.run_dir)
+    config, fingerprint, summary, info = _read_run(folder)
+    remotes = build_remotes(tracking_cfg)
     if not remotes:
-        raise UserError("logger: no remote enabled to upload to (use logger=mlflow, logger=wandb, ...)")
+        raise UserError("tracking: no remote enabled to upload to (use tracking=mlflow, tracking=wandb, ...)")
     status = str(summary.pop("status", "FINISHED"))
     error = summary.pop("error", None)
     run_name = info.get("run_name") or local.run_dir.name
@@ -180,7 +172,7 @@ def upload_run(run_dir: str | Path, logger_cfg: LoggerConfig) -> list[str]:
     extra = [Path(a) for a in info.get("artifacts", []) if Path(a).exists()]
     fanout = _Fanout(remotes)
     fanout.call("start", run_name, tags, config, fingerprint, local.run_dir)
-    samples = list(iter_samples(local.run_dir))
+    samples = folder.samples()
     files = [local.run_dir / name for name in RUN_FILES] + extra
     fanout.call("finish", summary, status, error, files, samples)
     return fanout.failures

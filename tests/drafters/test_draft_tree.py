@@ -284,7 +284,7 @@ def test_composed_config_runs_a_tree(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DECODELAB_CACHE", str(tmp_path / "cache"))
     summary = run(compose(["model=tiny-random", "drafter=draft_model", "model@drafter.model=tiny-random",
-                           "drafter.model.init_seed=0", "drafter.branching=3", "drafter.length.k=3", "logger=none",
+                           "drafter.model.init_seed=0", "drafter.branching=3", "drafter.length.k=3", "tracking=none",
                            "task.limit=1", "task.max_new_tokens=12", f"model.cache_dir={tmp_path / 'cache'}"]),
                   output_dir=str(tmp_path / "run"))
     assert summary["lossless_rate"] == 1.0

@@ -132,7 +132,7 @@ def test_composed_config_builds_the_draft_model():
     from decodelab.experiment.compose import to_run_config
 
     run = to_run_config(compose(["model=tiny-random", "drafter=draft_model", "model@drafter.model=tiny-random",
-                                 "drafter.model.init_seed=7", "drafter.length.policy=heuristic", "logger=none",
+                                 "drafter.model.init_seed=7", "drafter.length.policy=heuristic", "tracking=none",
                                  "output_dir=unused"]))
     assert run.drafter.model.init_seed == 7 and run.drafter.length.policy == "heuristic"
     loaded = load_model(run.model, run.backend)
@@ -338,7 +338,7 @@ def test_smollm2_drafting_for_itself_is_lossless(smollm2_loaded):
     from decodelab.experiment.compose import compose
     from decodelab.experiment.compose import to_run_config
 
-    run = to_run_config(compose(["drafter=draft_model", "logger=none", "output_dir=unused"]))
+    run = to_run_config(compose(["drafter=draft_model", "tracking=none", "output_dir=unused"]))
     assert run.drafter.model.name == "smollm2-135m"  # the default draft model: loaded again, from its config
     drafter = build_drafter(run.drafter, target=LMAdapter(smollm2_loaded.model), loaded=smollm2_loaded,
                             pipeline=GREEDY, backend=run.backend)
@@ -380,7 +380,7 @@ def test_qwen_coder_pair_is_lossless():
     from decodelab.experiment.compose import to_run_config
 
     run = to_run_config(compose(["model=qwen2.5-coder-1.5b", "drafter=draft_model",
-                                 "model@drafter.model=qwen2.5-coder-0.5b", "logger=none", "output_dir=unused"]))
+                                 "model@drafter.model=qwen2.5-coder-0.5b", "tracking=none", "output_dir=unused"]))
     loaded = load_model(run.model, run.backend)
     try:
         drafter = build_drafter(run.drafter, target=LMAdapter(loaded.model), loaded=loaded, pipeline=GREEDY,

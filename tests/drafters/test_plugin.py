@@ -59,8 +59,10 @@ def plugin(tmp_path, monkeypatch):
     (code / "echo_last.py").write_text(textwrap.dedent(MODULE), encoding="utf-8")
     conf = tmp_path / "conf"
     shutil.copytree(conf_dir(), conf)
-    (conf / "drafter" / "echo_last.yaml").write_text("# Echo the last token.\nname: echo_last\nk: 3\n",
-                                                     encoding="utf-8")
+    # A delta over the schema the registry stored for it: only k differs from EchoLastConfig's defaults.
+    (conf / "drafter" / "echo_last.yaml").write_text(
+        "# Echo the last token.\ndefaults:\n  - /schema/drafter/echo_last@_here_\n  - _self_\nk: 3\n",
+        encoding="utf-8")
     monkeypatch.setenv("DECODELAB_CONF_DIR", str(conf))
     monkeypatch.setattr(drafters_package, "__path__", [*drafters_package.__path__, str(code)])
     registry.discover()
@@ -73,8 +75,12 @@ def test_a_new_drafter_module_and_yaml_run_end_to_end(plugin):
     assert "echo_last" in registry.REGISTRY and "echo_last" in group_options("drafter")
     assert "echo_last" in registry.draft_length_drafters()
     overrides = ["model=tiny-random", "drafter=echo_last", "task.limit=2", "task.max_new_tokens=12",
-                 "logger=none", "progress=false", "print_table=false", "baseline=fresh"]
+                 "tracking=none", "progress=false", "print_table=false", "baseline=fresh"]
     validate(compose(overrides))
+    composed = compose(overrides).drafter
+    assert (composed.name, composed.k) == ("echo_last", 3)  # the schema's name, the YAML's k
+    with pytest.raises(Exception, match=r"drafter\.kk: unknown key.*allowed: name, k"):
+        compose([*overrides, "drafter.kk=1"])
     with pytest.raises(Exception, match=r"drafter\.k: must be >= 1"):
         validate(compose([*overrides, "drafter.k=0"]))
     summary = run(compose([*overrides, "draft_length=4"]), output_dir=str(plugin / "run"))

@@ -39,13 +39,23 @@ CASES = [
     (["drafter=layer_skip", "drafter.length.policy=magic"], ["drafter.length.policy", "heuristic", "ucb"]),
     (["strategy=sample", "strategy.acceptance=yolo"], ["strategy.acceptance", "lossless", "typical"]),
     (["baseline=sometimes"], ["baseline", "fresh"]),
+    # Keys added with + or ++ are checked against the schema too (Hydra would let the typed config drop them).
+    (["+strategy.temprature=0.5"], ["strategy.temprature", "unknown key", "temperature"]),
+    (["++task.max_new_token=5"], ["task.max_new_token", "unknown key", "max_new_tokens"]),
+    (["+backend.compile_mode=max"], ["backend.compile_mode", "unknown key", "compile"]),
+    (["+extra_note=hello"], ["extra_note", "unknown key", "tags"]),
+    (["logger=none"], ["logger=none", "tracking=none"]),
 ]
 
 
 def _run_cli(args, capsys, cwd: Path, monkeypatch):
+    return _run_cli_command(["run", *args], capsys, cwd, monkeypatch)
+
+
+def _run_cli_command(args, capsys, cwd: Path, monkeypatch):
     monkeypatch.chdir(cwd)
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", *args])
+        main(args)
     err = capsys.readouterr().err.strip()
     return exit_info.value.code, err
 
@@ -83,7 +93,7 @@ def test_cuda_requested_without_cuda(capsys, tmp_path, monkeypatch):
 
 def test_multirun_checks_every_job_before_starting(capsys, tmp_path, monkeypatch):
     """Every job of the grid is bad: one line, exit 2, nothing runs."""
-    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=1.5,2.0", "model=tiny-random", "logger=none"],
+    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=1.5,2.0", "model=tiny-random", "tracking=none"],
                          capsys, tmp_path, monkeypatch)
     _assert_one_line_error(code, err, ["strategy.top_p", "1.5"])
     assert not (tmp_path / "multirun").exists()
@@ -91,7 +101,7 @@ def test_multirun_checks_every_job_before_starting(capsys, tmp_path, monkeypatch
 
 def test_multirun_composition_error_in_one_job_stops_the_sweep(capsys, tmp_path, monkeypatch):
     """A typo in one value of a grid is bad input, not a failed job: one line, exit 2, nothing runs."""
-    code, err = _run_cli(["-m", "drafter=none,promt_lookup", "model=tiny-random", "logger=none"],
+    code, err = _run_cli(["-m", "drafter=none,promt_lookup", "model=tiny-random", "tracking=none"],
                          capsys, tmp_path, monkeypatch)
     _assert_one_line_error(code, err, ["drafter=promt_lookup", "prompt_lookup"])
     assert not (tmp_path / "multirun").exists()
@@ -99,7 +109,7 @@ def test_multirun_composition_error_in_one_job_stops_the_sweep(capsys, tmp_path,
 
 def test_multirun_bad_job_is_warned_then_recorded_failed(capsys, tmp_path, monkeypatch):
     """One out-of-range point of a grid: warned up front, recorded FAILED, the other job finishes, exit 1."""
-    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=0.9,1.5", "model=tiny-random", "logger=none",
+    code, err = _run_cli(["-m", "strategy=sample", "strategy.top_p=0.9,1.5", "model=tiny-random", "tracking=none",
                           "task.limit=1", "task.max_new_tokens=4", "progress=false", "print_table=false"],
                          capsys, tmp_path, monkeypatch)
     assert code == 1 and "Traceback" not in err
@@ -122,3 +132,20 @@ def test_real_cli_process_exit_code(tmp_path):
     proc = subprocess.run([str(exe), "run", "strategy=sample", "strategy.top_p=2"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     _assert_one_line_error(proc.returncode, proc.stderr.strip(), ["strategy.top_p"])
+
+
+def test_added_key_typo_in_a_sweep_file_or_grid_is_refused(capsys, tmp_path, monkeypatch):
+    """A typo added with + fails the whole command before any job runs, from the command line's grid or from a
+    sweep file's hydra.sweeper.params."""
+    code, err = _run_cli(["-m", "model=tiny-random", "tracking=none", "+strategy.temprature=0.5,0.7"],
+                         capsys, tmp_path, monkeypatch)
+    _assert_one_line_error(code, err, ["strategy.temprature", "unknown key", "temperature"])
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "typo.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+                                      "      +task.max_new_token: 4,8\n")
+    monkeypatch.setenv("DECODELAB_SWEEPS_DIR", str(sweeps))
+    code, err = _run_cli_command(["sweep", "typo", "model=tiny-random", "tracking=none"], capsys, tmp_path,
+                                 monkeypatch)
+    _assert_one_line_error(code, err, ["task.max_new_token", "unknown key", "max_new_tokens"])
+    assert not (tmp_path / "multirun").exists()

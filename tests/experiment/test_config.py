@@ -43,19 +43,60 @@ def test_defaults_are_the_quickstart_parts():
     cfg = compose(["output_dir=x"])
     assert cfg.model.name == "smollm2-135m" and cfg.backend.device == "cpu"
     assert cfg.drafter.name == "none" and cfg.strategy.do_sample is False
-    assert cfg.task.name == "specbench-mini" and cfg.logger.mlflow is not None
+    assert cfg.task.name == "specbench-mini" and cfg.tracking.mlflow is not None
     quick = compose(["experiment=quickstart", "output_dir=x"])
     assert quick.tags.experiment == "quickstart" and quick.task.max_new_tokens == 64
 
 
-def test_logger_list_selects_both():
-    cfg = compose(["logger=[mlflow,wandb]", "output_dir=x"])
-    assert cfg.logger.mlflow is not None and cfg.logger.wandb is not None
-    assert compose(["logger=all"]).logger.wandb.mode == "auto"
-    assert compose(["logger=none"]).logger.mlflow is None
+def test_tracking_list_selects_both():
+    cfg = compose(["tracking=[mlflow,wandb]", "output_dir=x"])
+    assert cfg.tracking.mlflow is not None and cfg.tracking.wandb is not None
+    assert compose(["tracking=all"]).tracking.wandb.mode == "auto"
+    assert compose(["tracking=none"]).tracking.mlflow is None
 
 
 def test_expand_sweep_grid():
     jobs = expand_sweep(["strategy=greedy,sample", "task.limit=1,2,3", "backend=cpu"])
     assert len(jobs) == 6
     assert ["strategy=sample", "task.limit=3", "backend=cpu"] in jobs
+
+
+SCHEMAS = {"model": "ModelConfig", "backend": "BackendConfig", "strategy": "StrategyConfig", "task": "TaskConfig",
+           "tracking": "TrackingConfig"}
+
+
+def _restated_defaults(values, schema, prefix=""):
+    """Keys of a group YAML whose value equals the schema's own default: they belong in the dataclass only."""
+    import dataclasses
+
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else
+                         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(schema)}
+    out = []
+    for key, value in (values or {}).items():
+        if key == "defaults":
+            continue
+        default = defaults.get(key)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            out += _restated_defaults(value, type(default), f"{prefix}{key}.")
+        elif value == default and value != {}:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+@pytest.mark.parametrize("group", [*SCHEMAS, "drafter"])
+def test_group_yamls_hold_only_deltas(group):
+    """Every conf/ YAML of a typed group holds only what differs from its dataclass (the ConfigStore schema)."""
+    import yaml
+
+    import decodelab.config as schemas
+    from decodelab.drafters.registry import REGISTRY
+
+    restated = {}
+    for option in group_options(group):
+        values = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text()) or {}
+        schema = REGISTRY[option].config_class if group == "drafter" else getattr(schemas, SCHEMAS[group])
+        found = _restated_defaults(values, schema)
+        if found:
+            restated[option] = found
+    assert not restated, f"{group} YAMLs restate schema defaults: {restated}"

@@ -104,7 +104,7 @@ def echo_registered(monkeypatch):
 
 def test_run_with_drafter_reports_acceptance_lossless_and_speedup(echo_registered, tmp_path, monkeypatch):
     monkeypatch.setenv("DECODELAB_CACHE", str(tmp_path / "cache"))
-    overrides = ["model=tiny-random", "logger=none", "task.limit=4", "task.max_new_tokens=10", "drafter.name=echo_test",
+    overrides = ["model=tiny-random", "tracking=none", "task.limit=4", "task.max_new_tokens=10", "drafter.name=echo_test",
                  "+drafter.k=3", f"model.cache_dir={tmp_path / 'cache'}"]
     summary = run(compose(overrides), output_dir=str(tmp_path / "a"))
     assert summary["lossless_rate"] == 1.0
@@ -126,6 +126,6 @@ def test_run_with_drafter_reports_acceptance_lossless_and_speedup(echo_registere
 
 
 def test_plain_ar_run_has_no_speculative_metrics(tmp_path):
-    summary = run(compose(["model=tiny-random", "logger=none", "task.limit=2", "task.max_new_tokens=6"]),
+    summary = run(compose(["model=tiny-random", "tracking=none", "task.limit=2", "task.max_new_tokens=6"]),
                   output_dir=str(tmp_path / "ar"))
     assert "acceptance_rate" not in summary and "speedup" not in summary

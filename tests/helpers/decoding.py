@@ -19,7 +19,7 @@ def encode_chat(tokenizer, text: str) -> List[int]:
 
 def assert_bad_value_is_named(drafter: str, override: str, key: str, extra: Sequence[str] = ()) -> None:
     """``drafter=<drafter> <override>`` fails validation with a message that names ``key``."""
-    cfg = compose([f"drafter={drafter}", override, *extra, "logger=none"])
+    cfg = compose([f"drafter={drafter}", override, *extra, "tracking=none"])
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         validate(cfg)
 
@@ -27,6 +27,6 @@ def assert_bad_value_is_named(drafter: str, override: str, key: str, extra: Sequ
 def assert_registered_with_yaml_defaults(name: str, schema: type) -> None:
     """conf/drafter/<name>.yaml composes to exactly the schema's defaults, and the registry maps the name to it."""
     assert REGISTRY[name].config_class is schema
-    typed = drafter_config(compose([f"drafter={name}", "logger=none"]).drafter)
+    typed = drafter_config(compose([f"drafter={name}", "tracking=none"]).drafter)
     assert typed == schema()
     typed.validate("drafter")

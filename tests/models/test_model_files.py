@@ -161,7 +161,7 @@ def test_model_configs_compose(name):
     compose = pytest.importorskip("decodelab.experiment.compose")
     from decodelab.experiment.compose import to_run_config
 
-    run = to_run_config(compose.compose([f"model={name}", "logger=none", "output_dir=unused"]))
+    run = to_run_config(compose.compose([f"model={name}", "tracking=none", "output_dir=unused"]))
     assert run.model.name == name and run.model.source == "gguf_parts"
     assert run.model.gguf_file.endswith(".gguf") and len(run.model.part_packages) >= 4
 

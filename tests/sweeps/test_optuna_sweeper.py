@@ -28,7 +28,7 @@ from hydra_plugins.decodelab_optuna_sweeper.optuna_sweeper import (Constraint, D
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXE = str(Path(sys.executable).with_name("decodelab"))
-TINY = ["model=tiny-random", "drafter=prompt_lookup", "task.limit=1", "task.max_new_tokens=8", "logger=none",
+TINY = ["model=tiny-random", "drafter=prompt_lookup", "task.limit=1", "task.max_new_tokens=8", "tracking=none",
         "progress=false", "print_table=false", "backend.threads=1"]
 
 # x=3 raises, x=4 reports FAILED like decodelab's isolated jobs, x=5 breaks the quality floor of CONFIG.

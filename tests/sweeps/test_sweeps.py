@@ -61,7 +61,7 @@ def test_every_named_sweep_runs_on_a_tiny_model(tmp_path, name, monkeypatch, cap
     extra = SMOKE_OVERRIDES.get(name, [])
     if name == "search_speedup":
         extra = extra + [f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db"]
-    code, err = _main(["sweep", name, *TINY, "logger=none", *extra], tmp_path, monkeypatch, capsys)
+    code, err = _main(["sweep", name, *TINY, "tracking=none", *extra], tmp_path, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     sweep_dir = _only_sweep(tmp_path / "multirun" / name)
     rows = _summary(sweep_dir)["jobs"]
@@ -86,8 +86,8 @@ def test_unknown_sweep_name_is_one_line(tmp_path, monkeypatch, capsys):
 def test_failed_job_is_recorded_and_the_others_finish(tmp_path, monkeypatch, capsys):
     """drafter=none has no draft length: an impossible combination inside an otherwise good grid."""
     db = tmp_path / "mlruns.db"
-    code, err = _main(["run", "-m", "drafter=none,prompt_lookup,suffix", "draft_length=3", *TINY, "logger=mlflow",
-                       f"logger.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
+    code, err = _main(["run", "-m", "drafter=none,prompt_lookup,suffix", "draft_length=3", *TINY, "tracking=mlflow",
+                       f"tracking.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
                       tmp_path, monkeypatch, capsys)
     assert code == 1, err[-3000:]
     assert "will fail: draft_length: drafter=none has no draft length" in err
@@ -119,8 +119,8 @@ def test_parent_run_and_children_across_launchers(tmp_path, launcher):
     if launcher == "ray":
         pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="optional extra: pip install 'decodelab[ray]'")
     db = tmp_path / "mlruns.db"
-    out = _cli(["run", "-m", "drafter=none,prompt_lookup", f"launcher={launcher}", *TINY, "logger=mlflow",
-                f"logger.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
+    out = _cli(["run", "-m", "drafter=none,prompt_lookup", f"launcher={launcher}", *TINY, "tracking=mlflow",
+                f"tracking.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
                cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     meta = read_sweep_meta(tmp_path / "sw")
@@ -143,7 +143,7 @@ def _lines(path: Path) -> int:
 
 def test_resume_after_sigkill_loses_no_finished_sample(tmp_path):
     args = ["sweep", "drafters", "drafter=none,prompt_lookup,suffix", "model=tiny-random", "task.limit=6",
-            "task.max_new_tokens=160", "progress=false", "print_table=false", "backend.threads=1", "logger=none"]
+            "task.max_new_tokens=160", "progress=false", "print_table=false", "backend.threads=1", "tracking=none"]
     proc = subprocess.Popen([EXE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     root = tmp_path / "multirun" / "drafters"
@@ -199,7 +199,7 @@ def test_jobs_in_one_process_load_the_model_once(tmp_path, monkeypatch):
     original = models._load_model
     monkeypatch.setattr(models, "_load_model", lambda cfg, backend: calls.append(cfg.name) or original(cfg, backend))
     monkeypatch.setattr(models, "_LOADED", type(models._LOADED)())
-    main(["run", "-m", "drafter=none,prompt_lookup,suffix", *TINY, "logger=none", f"hydra.sweep.dir={tmp_path}/sw"])
+    main(["run", "-m", "drafter=none,prompt_lookup,suffix", *TINY, "tracking=none", f"hydra.sweep.dir={tmp_path}/sw"])
     assert calls == ["tiny-random"]
     assert len(run_dirs(tmp_path / "sw")) == 3
 
@@ -207,7 +207,7 @@ def test_jobs_in_one_process_load_the_model_once(tmp_path, monkeypatch):
 def test_wandb_group_per_sweep_each_job_its_own_finished_run(tmp_path):
     from test_tracking import wandb_records
 
-    out = _cli(["run", "-m", "drafter=none,prompt_lookup", *TINY, "logger=wandb", "logger.wandb.mode=offline",
+    out = _cli(["run", "-m", "drafter=none,prompt_lookup", *TINY, "tracking=wandb", "tracking.wandb.mode=offline",
                 f"hydra.sweep.dir={tmp_path}/sw"], cwd=tmp_path, env={"WANDB_SILENT": "true"})
     assert out.returncode == 0, out.stderr[-3000:]
     group = read_sweep_meta(tmp_path / "sw")["wandb_group"]
@@ -238,7 +238,7 @@ def test_job_raising_at_run_time_is_recorded_failed(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(PromptRunner, "run_prompt", run_prompt)
     db = tmp_path / "mlruns.db"
     code, err = _main(["run", "-m", "drafter=prompt_lookup,suffix,none", "task.limit=2", *TINY[2:], "model=tiny-random",
-                       "logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
+                       "tracking=mlflow", f"tracking.mlflow.tracking_uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path}/sw"],
                       tmp_path, monkeypatch, capsys)
     assert code == 1 and "Traceback" not in err
     rows = _summary(tmp_path / "sw")["jobs"]

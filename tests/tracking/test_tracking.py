@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from decodelab.config import LoggerConfig, MlflowConfig, WandbConfig
+from decodelab.config import TrackingConfig, MlflowConfig, WandbConfig
 from decodelab.errors import UserError
 from decodelab.tracking.tracker import Tracker, upload_run
 from decodelab.tracking.mlflow_remote import PARENT_RUN_ENV, HTTP_ENV_DEFAULTS, config_params
@@ -56,9 +56,9 @@ def sample(i: int) -> dict:
             "outputs": [f"answer {i}", "more"], "new_tokens": 10 + i, "tok_s": 5.0 + i}
 
 
-def run_tracker(run_dir: Path, logger: LoggerConfig, status: str = "FINISHED", error: str | None = None,
+def run_tracker(run_dir: Path, tracking: TrackingConfig, status: str = "FINISHED", error: str | None = None,
                 artifacts: tuple = (), n: int = 3, name: str = "test-run") -> Tracker:
-    tracker = Tracker(run_dir, logger, name, tags={"suite": "tests"})
+    tracker = Tracker(run_dir, tracking, name, tags={"suite": "tests"})
     tracker.start(CONFIG, FINGERPRINT)
     for i in range(n):
         tracker.log_sample(sample(i))
@@ -94,8 +94,8 @@ def mlflow_db(tmp_path_factory) -> Path:
     return path
 
 
-def sqlite_logger(db: Path, experiment: str) -> LoggerConfig:
-    return LoggerConfig(mlflow=MlflowConfig(tracking_uri=f"sqlite:///{db}", experiment=experiment))
+def sqlite_tracking(db: Path, experiment: str) -> TrackingConfig:
+    return TrackingConfig(mlflow=MlflowConfig(tracking_uri=f"sqlite:///{db}", experiment=experiment))
 
 
 def client_for(uri: str):
@@ -210,8 +210,8 @@ def wandb_offline_run(base: Path) -> tuple[Path, dict, dict, int]:
     return runs[0], config, summary, exit_code
 
 
-def wandb_logger(tmp_path: Path) -> LoggerConfig:
-    return LoggerConfig(wandb=WandbConfig(project="decodelab-tests", mode="offline", dir=str(tmp_path / "wb")))
+def wandb_tracking(tmp_path: Path) -> TrackingConfig:
+    return TrackingConfig(wandb=WandbConfig(project="decodelab-tests", mode="offline", dir=str(tmp_path / "wb")))
 
 
 # ---------------------------------------------------------------- tests
@@ -219,7 +219,7 @@ def wandb_logger(tmp_path: Path) -> LoggerConfig:
 
 def test_local_files_and_samples_readable_before_finish(tmp_path):
     run_dir = tmp_path / "run"
-    tracker = Tracker(run_dir, LoggerConfig(), "local-only")
+    tracker = Tracker(run_dir, TrackingConfig(), "local-only")
     tracker.start(CONFIG, FINGERPRINT)
     for i in range(3):
         tracker.log_sample(sample(i))
@@ -233,7 +233,7 @@ def test_local_files_and_samples_readable_before_finish(tmp_path):
 
 
 def test_failed_run_without_samples_still_writes_everything(tmp_path):
-    tracker = Tracker(tmp_path / "run", LoggerConfig(), "crashed")
+    tracker = Tracker(tmp_path / "run", TrackingConfig(), "crashed")
     tracker.start(CONFIG, FINGERPRINT)
     tracker.finish({}, status="FAILED", error="RuntimeError: boom")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -253,7 +253,7 @@ def test_config_params_flatten_and_truncate():
 def test_mlflow_sqlite_roundtrip(tmp_path, mlflow_db):
     plot = tmp_path / "speedup.png"
     plot.write_bytes(b"\x89PNG fake")
-    tracker = run_tracker(tmp_path / "run", sqlite_logger(mlflow_db, "sqlite-roundtrip"), artifacts=(plot,))
+    tracker = run_tracker(tmp_path / "run", sqlite_tracking(mlflow_db, "sqlite-roundtrip"), artifacts=(plot,))
     assert tracker.remote_failures == []
     assert_local_complete(tmp_path / "run")
     client = client_for(f"sqlite:///{mlflow_db}")
@@ -274,8 +274,8 @@ def test_mlflow_sqlite_roundtrip(tmp_path, mlflow_db):
 
 
 def test_mlflow_server_roundtrip(tmp_path, mlflow_server):
-    logger = LoggerConfig(mlflow=MlflowConfig(tracking_uri=mlflow_server, experiment="over-http"))
-    tracker = run_tracker(tmp_path / "run", logger)
+    tracking = TrackingConfig(mlflow=MlflowConfig(tracking_uri=mlflow_server, experiment="over-http"))
+    tracker = run_tracker(tmp_path / "run", tracking)
     assert tracker.remote_failures == []
     client = client_for(mlflow_server)
     run = only_run(client, "over-http")
@@ -289,9 +289,9 @@ def test_mlflow_server_roundtrip(tmp_path, mlflow_server):
 def test_unreachable_mlflow_does_not_fail_the_run(tmp_path, capsys):
     for key in HTTP_ENV_DEFAULTS:
         os.environ.pop(key, None)
-    logger = LoggerConfig(mlflow=MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}"))
+    tracking = TrackingConfig(mlflow=MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}"))
     started = time.monotonic()
-    tracker = run_tracker(tmp_path / "run", logger)
+    tracker = run_tracker(tmp_path / "run", tracking)
     assert time.monotonic() - started < 30
     assert_local_complete(tmp_path / "run")
     assert len(tracker.remote_failures) == 1 and tracker.remote_failures[0].startswith("mlflow: ")
@@ -302,19 +302,19 @@ def test_unreachable_mlflow_does_not_fail_the_run(tmp_path, capsys):
 
 def test_user_http_settings_win(tmp_path):
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "77"
-    run_tracker(tmp_path / "run", LoggerConfig(mlflow=MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}")))
+    run_tracker(tmp_path / "run", TrackingConfig(mlflow=MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}")))
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
 
 
 def test_bad_mlflow_uri_is_a_remote_failure(tmp_path):
-    tracker = run_tracker(tmp_path / "run", LoggerConfig(mlflow=MlflowConfig(tracking_uri="nosuchscheme://x")))
+    tracker = run_tracker(tmp_path / "run", TrackingConfig(mlflow=MlflowConfig(tracking_uri="nosuchscheme://x")))
     assert_local_complete(tmp_path / "run")
     assert tracker.remote_failures and tracker.remote_failures[0].startswith("mlflow: ")
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracker = run_tracker(tmp_path / "run", wandb_logger(tmp_path))
+    tracker = run_tracker(tmp_path / "run", wandb_tracking(tmp_path))
     assert tracker.remote_failures == []
     assert_local_complete(tmp_path / "run")
     run_folder, config, summary, exit_code = wandb_offline_run(tmp_path / "wb")
@@ -340,9 +340,9 @@ def test_wandb_mode_auto_and_row_shapes(monkeypatch):
 
 def test_mlflow_and_wandb_together_failed_run(tmp_path, mlflow_db, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = LoggerConfig(mlflow=MlflowConfig(tracking_uri=f"sqlite:///{mlflow_db}", experiment="both"),
+    tracking = TrackingConfig(mlflow=MlflowConfig(tracking_uri=f"sqlite:///{mlflow_db}", experiment="both"),
                           wandb=WandbConfig(project="decodelab-tests", mode="offline", dir=str(tmp_path / "wb")))
-    tracker = run_tracker(tmp_path / "run", logger, status="FAILED", error="RuntimeError: out of memory")
+    tracker = run_tracker(tmp_path / "run", tracking, status="FAILED", error="RuntimeError: out of memory")
     assert tracker.remote_failures == []
     assert_local_complete(tmp_path / "run", status="FAILED")
     run = only_run(client_for(f"sqlite:///{mlflow_db}"), "both")
@@ -360,7 +360,7 @@ def test_mlflow_parent_run(tmp_path, mlflow_db, monkeypatch):
     experiment_id = client.create_experiment("sweep", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(experiment_id, run_name="sweep-parent")
     monkeypatch.setenv(PARENT_RUN_ENV, parent.info.run_id)
-    run_tracker(tmp_path / "run", sqlite_logger(mlflow_db, "sweep"), name="job-0")
+    run_tracker(tmp_path / "run", sqlite_tracking(mlflow_db, "sweep"), name="job-0")
     child = client.search_runs([experiment_id], filter_string="attributes.run_name = 'job-0'")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
@@ -369,8 +369,8 @@ def test_upload_run_replays_a_local_run(tmp_path, mlflow_db):
     run_dir = tmp_path / "run"
     plot = tmp_path / "plot.png"
     plot.write_bytes(b"png")
-    run_tracker(run_dir, LoggerConfig(), artifacts=(plot,), name="offline-run")
-    failures = upload_run(run_dir, sqlite_logger(mlflow_db, "uploaded"))
+    run_tracker(run_dir, TrackingConfig(), artifacts=(plot,), name="offline-run")
+    failures = upload_run(run_dir, sqlite_tracking(mlflow_db, "uploaded"))
     assert failures == []
     client = client_for(f"sqlite:///{mlflow_db}")
     run = only_run(client, "uploaded")
@@ -385,9 +385,9 @@ def test_upload_run_replays_a_local_run(tmp_path, mlflow_db):
 
 def test_upload_run_errors(tmp_path, mlflow_db):
     with pytest.raises(UserError, match="not a decodelab run folder"):
-        upload_run(tmp_path, sqlite_logger(mlflow_db, "x"))
-    run_tracker(tmp_path / "run", LoggerConfig())
+        upload_run(tmp_path, sqlite_tracking(mlflow_db, "x"))
+    run_tracker(tmp_path / "run", TrackingConfig())
     with pytest.raises(UserError, match="no remote enabled"):
-        upload_run(tmp_path / "run", LoggerConfig())
-    failures = upload_run(tmp_path / "run", LoggerConfig(mlflow=MlflowConfig(tracking_uri="nosuchscheme://x")))
+        upload_run(tmp_path / "run", TrackingConfig())
+    failures = upload_run(tmp_path / "run", TrackingConfig(mlflow=MlflowConfig(tracking_uri="nosuchscheme://x")))
     assert failures and failures[0].startswith("mlflow: ")
