@@ -21,6 +21,8 @@ DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 KERNEL_PROVIDERS = ("torch", "triton")
+# auto: the static cache where the model allows it (decoding/static.py), transformers' DynamicCache elsewhere.
+KV_CACHES = ("auto", "static", "dynamic")
 ACCEPTANCE_RULES = ("lossless", "typical")
 WANDB_MODES = ("offline", "online", "auto", "disabled")
 
@@ -119,6 +121,8 @@ class BackendConfig:
     attn_implementation: str = "sdpa"
     compile: bool = False
     kernels: str = "torch"
+    # The KV cache and forward of the target (and of a draft model): one of KV_CACHES.
+    kv_cache: str = "auto"
     seed: int = 0
     deterministic: bool = False
 
@@ -128,6 +132,7 @@ class BackendConfig:
         _one_of(f"{key}.dtype", self.dtype, DTYPES)
         _one_of(f"{key}.attn_implementation", self.attn_implementation, ATTENTION)
         _one_of(f"{key}.kernels", self.kernels, KERNEL_PROVIDERS)
+        _one_of(f"{key}.kv_cache", self.kv_cache, KV_CACHES)
         if self.threads is not None:
             check(self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
 

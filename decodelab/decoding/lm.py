@@ -3,16 +3,28 @@
 It owns one KV cache and the token ids that cache holds, so callers think in tokens, not tensors:
 prefill a prompt, run the model over new tokens (a chain, or a token tree under a tree attention
 mask), crop back to a length, or keep only chosen positions (the accepted path of a tree).
+
+Two caches: ``static`` (decoding/static.py: preallocated, written by position, the model's weights through a
+compact forward; llama/qwen2 families) and ``dynamic`` (transformers' DynamicCache through the model's own
+forward, for every other model). ``auto`` takes static where the model allows it.
 """
 
 from __future__ import annotations
 
+import inspect
+import time
 from typing import List, Optional, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 
 from decodelab.decoding import tree
+from decodelab.decoding.static import BUCKETS, StaticForward, unsupported
+from decodelab.errors import check
+
+CACHES = ("auto", "static", "dynamic")
+# transformers >= 5.2x names the cache argument ``cache`` (and warns on every call for ``past_key_values``).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 # Attention implementations whose custom 4-D additive mask path is tested (flash_attention_2 takes no mask;
 # flex_attention would want a BlockMask).
@@ -21,19 +33,57 @@ TREE_ATTENTION = ("eager", "sdpa")
 
 class LMAdapter:
     """``layers``: run only these decoder layers (then the final norm and LM head), for early-exit drafting
-    with the target's own weights (drafter=layer_skip); the skipped layers' cache entries stay empty."""
+    with the target's own weights (drafter=layer_skip). ``cache``: one of CACHES (see the module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, layers: Optional[Sequence[int]] = None):
+    def __init__(self, model: PreTrainedModel, layers: Optional[Sequence[int]] = None, cache: str = "auto",
+                 compile: bool = False):
+        check(cache in CACHES, "backend.kv_cache", f"got {cache!r}, allowed: {', '.join(CACHES)}")
+        reason = unsupported(model)
+        check(cache != "static" or reason is None, "backend.kv_cache",
+              f"no static KV cache for {reason}; use backend.kv_cache=dynamic (or auto)")
         self.model = model
         self.layers = list(layers) if layers is not None else None
         self.device = next(model.parameters()).device
+        self.static: Optional[StaticForward] = StaticForward(model, self.layers, compile=compile) \
+            if cache != "dynamic" and reason is None else None
+        # The dynamic path compiles transformers' own forward (shapes vary: dynamic).
+        self._model_call = torch.compile(model, dynamic=True) if compile and self.static is None else model
+        self.compiled = compile
+        self._warm_sizes: tuple = ()
         self.cache = DynamicCache(config=model.config)
         # Token ids whose keys/values the cache holds, in order.
         self.tokens: List[int] = []
         self.forwards = 0
 
+    @property
+    def kind(self) -> str:
+        """The cache in use: static or dynamic."""
+        return "static" if self.static is not None else "dynamic"
+
+    def reserve(self, length: int) -> float:
+        """Room for ``length`` tokens before timing starts (the static cache grows by copying otherwise). A
+        compiled step is specialised to the capacity, so growing it compiles the warm sizes again, here; returns
+        the seconds that took."""
+        if self.static is None or length <= self.static.capacity:
+            return 0.0
+        self.static.reserve(length)
+        return self.warmup(self._warm_sizes) if self._warm_sizes else 0.0
+
+    def warmup(self, sizes: Sequence[int] = BUCKETS) -> float:
+        """Compile the step for every token count in ``sizes`` before anything is timed; returns the seconds it
+        took (0 when nothing is compiled). The cache holds what it held."""
+        if not self.compiled or self.static is None:
+            return 0.0
+        self._warm_sizes = tuple(sizes)
+        start = time.perf_counter()
+        self.static.warmup(sizes)
+        synchronize(self.device)
+        return time.perf_counter() - start
+
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
+        if self.static is not None:
+            self.static.length = 0
         self.tokens = []
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
@@ -102,9 +152,11 @@ class LMAdapter:
         """One model call over ``ids`` after the cached tokens (``inputs``: mask, positions, logits kept); the
         cache, the token list and the forward count follow it. Float32 logits [rows, vocab]."""
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        if self.layers is None:
-            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, **inputs)
-            self.cache, logits = out.past_key_values, out.logits
+        if self.static is not None:
+            logits = self.static.run(ids, **inputs)
+        elif self.layers is None:
+            out = self._model_call(input_ids=input_ids, **{CACHE_KWARG: self.cache}, use_cache=True, **inputs)
+            logits = out.logits  # the cache object is updated in place
         else:
             logits = self._run_layers(input_ids, **inputs)
         self.tokens.extend(ids)
@@ -122,11 +174,11 @@ class LMAdapter:
         position_ids = torch.arange(start, start + input_ids.size(1), device=self.device).unsqueeze(0)
         # Sized against the first layer run: the skipped layers' cache entries stay empty.
         mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=self.cache, position_ids=position_ids, layer_idx=self.layers[0])
+                                  position_ids=position_ids, layer_idx=self.layers[0], **{CACHE_KWARG: self.cache})
         position_embeddings = base.rotary_emb(hidden, position_ids)
         for i in self.layers:
             hidden = base.layers[i](hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                                    position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+                                    position_ids=position_ids, use_cache=True, **{CACHE_KWARG: self.cache})
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.model.lm_head(base.norm(hidden))
@@ -144,6 +196,10 @@ class LMAdapter:
         if not ascending or (indices and not 0 <= indices[0] <= indices[-1] < len(self.tokens)):
             raise ValueError(f"keep needs ascending positions below {len(self.tokens)}, got {indices}")
         start = common_prefix(indices, range(len(indices)))
+        if self.static is not None:
+            self.static.keep(indices, start)
+            self.tokens = [self.tokens[i] for i in indices]
+            return
         if start < len(indices):
             src = torch.tensor(indices[start:], dtype=torch.long, device=self.device)
             for layer in self.cache.layers:
@@ -158,6 +214,8 @@ class LMAdapter:
         """Tree masks need a 4-D-mask attention and a cache whose positions are all the sequence's positions."""
         if self.layers is not None:
             raise NotImplementedError("token trees need the full model; an early-exit adapter drafts chains")
+        if self.static is not None:
+            return  # the static forward takes any additive mask
         impl = getattr(self.model.config, "_attn_implementation", "eager")
         if impl not in TREE_ATTENTION:
             raise NotImplementedError(f"token trees need attn_implementation in {TREE_ATTENTION}, got {impl!r}")
@@ -167,8 +225,11 @@ class LMAdapter:
     def crop(self, length: int) -> None:
         """Forget cached tokens beyond ``length`` (rejected draft tokens, an edited conversation)."""
         if length < len(self.tokens):
-            # transformers >= 5 crops by a negative count of tokens to remove.
-            self.cache.crop(length - len(self.tokens))
+            if self.static is not None:
+                self.static.crop(length)
+            else:
+                # transformers >= 5 crops by a negative count of tokens to remove.
+                self.cache.crop(length - len(self.tokens))
             del self.tokens[length:]
 
 

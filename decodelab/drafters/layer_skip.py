@@ -95,7 +95,7 @@ class LayerSkipDrafter(ChainDrafter):
         self.vocab = output_vocab(model)
         self.eos_ids = model_eos_ids(model, loaded.tokenizer)
         self._init_common(cfg, pipeline, seed, next(model.parameters()).device)
-        self.lm = LMAdapter(model, layers=self.layer_ids)
+        self.lm = LMAdapter(model, layers=self.layer_ids, cache=backend.kv_cache if backend else "auto")
 
     def propose(self, context: Sequence[int]) -> Draft:
         return self._draft_chain(context, self.controller.next_length())

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 # Distribution names whose versions matter for a decoding benchmark.
 _PACKAGES = ("decodelab", "torch", "transformers", "triton", "accelerate", "gguf", "mlflow", "wandb",
@@ -53,6 +53,31 @@ def cpu_model() -> Optional[str]:
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     return platform.processor() or platform.machine() or None
+
+
+# The vector and matrix extensions that decide which GEMM and attention kernels a CPU runs well.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def cpu_isa() -> List[str]:
+    """The ISA extensions of ISA_FLAGS this CPU reports (/proc/cpuinfo flags, or torch's own probe elsewhere)."""
+    flags: set = set()
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        capability = _safe(_torch_cpu_capability)
+        return [capability.lower()] if capability else []
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def _torch_cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels dispatch to (e.g. AVX512, AVX2)."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def physical_cores() -> Optional[int]:
@@ -171,6 +196,8 @@ def environment_fingerprint(seeds: dict, threads: int | None) -> dict:
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "cpu_model": _safe(cpu_model),
+        "cpu_isa": _safe(cpu_isa),
+        "torch_cpu_capability": _safe(_torch_cpu_capability),
         "cpu_count_logical": _safe(os.cpu_count),
         "cpu_count_physical": _safe(physical_cores),
         "cpu_affinity": _safe(lambda: len(os.sched_getaffinity(0))),

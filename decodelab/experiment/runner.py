@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from decodelab.config import BackendConfig, TrackingConfig, RunConfig
 from decodelab.decoding.engine import decode
 from decodelab.decoding.lm import LMAdapter
+from decodelab.decoding.static import BUCKETS
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.decoding.stop import StopCriteria
 from decodelab.decoding.types import Generation
@@ -28,6 +29,12 @@ from decodelab.tasks import load_task
 from decodelab.tasks.base import Prompt
 from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV
 from decodelab.errors import notice
+
+
+# Cache slots beyond prompt + max_new_tokens: the longest draft a step may verify past the last token.
+RESERVE_SLACK = 64
+# Cache slots made up front: most prompts + answers fit, so a compiled step is compiled once per run.
+RESERVED_SLOTS = 1024
 
 
 def setup_backend(backend: BackendConfig) -> None:
@@ -47,7 +54,10 @@ class PromptRunner:
         self.loaded = loaded
         self.run = run
         self.tokenizer = loaded.tokenizer
-        self.target = LMAdapter(loaded.model)
+        self.target = LMAdapter(loaded.model, cache=run.backend.kv_cache, compile=run.backend.compile)
+        self.target.reserve(RESERVED_SLOTS)
+        # Compile time (backend.compile) is paid here, before any prompt is timed, and reported apart.
+        self.compile_s = self.target.warmup((1,) if run.drafter.name == "none" else BUCKETS)
         self.pipeline = LogitsPipeline(run.strategy)
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
                                      backend=run.backend)
@@ -105,6 +115,7 @@ class PromptRunner:
             messages.append({"role": "user", "content": turn})
             input_ids = self.encode(messages)
             prompt_tokens.append(list(input_ids))
+            self.compile_s += self.target.reserve(len(input_ids) + self.run.task.max_new_tokens + RESERVE_SLACK)
             seed = self.seed_for(prompt, turn_index)
             if self.baseline is not None:
                 baselines.append(self.baseline.get(input_ids, seed))
@@ -209,7 +220,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
     loaded = load_model(run_cfg.model, run_cfg.backend)
     runner = PromptRunner(loaded, run_cfg)
     run_name = run_cfg.run_name or f"{run_cfg.model.name}|{run_cfg.drafter.name}|{run_cfg.strategy.name}|{run_cfg.task.name}"
-    tags = {**run_cfg.tags, "model_fingerprint": loaded.fingerprint, "config_hash": digest}
+    tags = {**run_cfg.tags, "model_fingerprint": loaded.fingerprint, "config_hash": digest,
+            "kv_cache": runner.target.kind}
     if previous is not None:
         tags["resumed_from"] = str(previous.run_dir)
     tracker = Tracker(run_dir, run_cfg.tracking, run_name, tags=tags)
@@ -227,6 +239,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
         err.decodelab_recorded = True  # type: ignore[attr-defined]  # the job wrapper must not record it twice
         raise
     summary = summarize(records)
+    if run_cfg.backend.compile:
+        summary["compile_s"] = runner.compile_s  # warm-up before the first prompt: never inside a sample's time
     lists = list_metrics(records)
     plots = acceptance_plots(lists["accepted_histogram"], lists["per_position_acceptance"], run_dir, run_name)
     tracker.finish({**summary, **lists} if plots else summary, artifacts=plots)

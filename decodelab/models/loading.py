@@ -82,8 +82,6 @@ def _load_model(cfg: ModelConfig, backend: BackendConfig) -> LoadedModel:
     model = model.to(device=device, dtype=dtype).eval()
     if cfg.source == "tiny_random":
         model.config._attn_implementation = backend.attn_implementation
-    if backend.compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, fingerprint=fingerprint)
 
 

@@ -223,9 +223,17 @@ def test_lookahead_pool_from_prompt():
     assert paths_of(drafter.propose([2]))[:4] == [(4,), (4, 1), (3,), (3, 1)]
 
 
-def test_lookahead_own_forward_restores_the_cache(tiny_loaded):
+def _cached_keys(target: LMAdapter) -> list:
+    """The keys the cache holds for its tokens, per layer, whichever cache it is."""
+    if target.static is not None:
+        return [target.static.keys[i, :, :len(target.tokens)].clone() for i in range(target.static.keys.shape[0])]
+    return [layer.keys.clone() for layer in target.cache.layers]
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_lookahead_own_forward_restores_the_cache(tiny_loaded, cache):
     """Without observe calls the drafter runs the lookahead branch itself and leaves the cache as it was."""
-    target = LMAdapter(tiny_loaded.model)
+    target = LMAdapter(tiny_loaded.model, cache=cache)
     drafter = LookaheadDrafter(LookaheadConfig(window=3, ngram_size=3), target=target)
     prompt = list(range(40, 60))
     target.prefill(prompt)
@@ -233,12 +241,12 @@ def test_lookahead_own_forward_restores_the_cache(tiny_loaded):
     context = prompt + [61]
     first = drafter.propose(context)  # fused: waits for observe
     assert drafter.fused and first.forwards == 0 and len(first) == 3
-    keys = [layer.keys.clone() for layer in target.cache.layers]
+    keys = _cached_keys(target)
     tokens, forwards = list(target.tokens), target.forwards
     second = drafter.propose(context)  # no observe came: run it ourselves
     assert not drafter.fused and second.forwards == 1 and target.forwards == forwards + 1
     assert target.tokens == tokens
-    assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, target.cache.layers))
+    assert all(torch.equal(a, b) for a, b in zip(keys, _cached_keys(target)))
     assert len(drafter.levels) == 2
     # Its predictions are the target's greedy tokens after each level-0 path.
     probe = LMAdapter(tiny_loaded.model)

@@ -1,0 +1,237 @@
+"""A compact decoder forward with a static KV cache, over a transformers model's own weights (gpt-fast style).
+
+transformers' eager path grows a DynamicCache by concatenation every step and routes each call through
+layers of generic code; this forward preallocates the cache and writes keys and values by slot, so a crop is
+a length change and keeping a tree's accepted path is one index copy. The weights are the model's own
+tensors (nothing is copied or converted), and the model's own modules compute norms, rotary tables and the
+MLP activation, so the two paths agree token for token (tests/decoding/test_static.py).
+
+Families: llama and qwen2 (SmolLM2, Qwen2.5, Llama 2/3, Mistral without a sliding window). Everything else,
+and models with sliding-window layers (Gemma 3, Qwen2 with use_sliding_window), stays on transformers'
+DynamicCache: :func:`unsupported` says why.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("llama", "qwen2")
+# Attention implementations the static path stands in for (it computes attention with torch's SDPA).
+ATTENTION = ("sdpa", "eager")
+# Compiled steps pad their token count up to one of these, so a handful of graphs serves every step. Only
+# buckets compiled by warmup() are used; any other count (a prompt, a step past the largest) runs eagerly, so a
+# compile never lands inside a timed step.
+BUCKETS = (1, 2, 4, 8, 16, 32)
+# The cache grows by doubling from this many slots (rounded up to a multiple): rarely, and never inside a step's
+# timing when the runner sizes it up front with reserve().
+MIN_SLOTS = 512
+
+
+def unsupported(model) -> Optional[str]:
+    """Why ``model`` cannot take the static path, or None when it can."""
+    config = model.config
+    family = getattr(config, "model_type", type(model).__name__)
+    if family not in FAMILIES:
+        return f"model family {family!r} (static path: {', '.join(FAMILIES)})"
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return "layers other than full attention"
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    if attention not in ATTENTION:
+        return f"attn_implementation {attention!r} (the static path computes {' / '.join(ATTENTION)} attention)"
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, p) for p in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        return f"{type(model).__name__} lacks the llama module layout (model.embed_tokens/layers/norm/rotary_emb)"
+    return None
+
+
+class StaticForward:
+    """The decoder of ``model`` (optionally only ``layers``) over a preallocated KV cache of ``slots`` positions.
+
+    The cache holds slots ``[0, length)``. :meth:`run` writes ``T`` new tokens at slots ``[length, length + T)``
+    with their own rotary positions (a tree node's position is its depth, not its slot) under an additive mask
+    ``[1, 1, T, length + T]`` (None: causal), and returns their logits.
+    """
+
+    def __init__(self, model, layers: Optional[Sequence[int]] = None, slots: int = MIN_SLOTS, compile: bool = False):
+        reason = unsupported(model)
+        if reason is not None:
+            raise NotImplementedError(f"no static KV cache for {reason}")
+        self.model = model
+        self.base = model.model
+        config = model.config
+        self.layer_ids: List[int] = list(layers) if layers is not None else list(range(config.num_hidden_layers))
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        weight = self.base.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.length = 0
+        self.warm: set = set()  # buckets compiled for the current capacity
+        self.keys = self.values = torch.empty(0)
+        self.cos = self.sin = torch.empty(0)
+        self._allocate(slots)
+        # Compiled: one graph per (bucket, capacity), attention over the whole capacity under a mask.
+        self._compiled = _compile(self) if compile else None
+
+    # ------------------------------------------------------------------ cache bookkeeping
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` positions (kept slots are copied once; a run calls this before timing)."""
+        if slots > self.capacity:
+            self._allocate(max(slots, 2 * self.capacity))
+
+    def _allocate(self, slots: int) -> None:
+        slots = -(-slots // MIN_SLOTS) * MIN_SLOTS
+        shape = (len(self.layer_ids), self.kv_heads, slots, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.length:
+            keys[:, :, :self.length] = self.keys[:, :, :self.length]
+            values[:, :, :self.length] = self.values[:, :, :self.length]
+        self.keys, self.values = keys, values
+        self.warm = set()  # compiled graphs are specialised to the capacity: none is warm for the new one
+        positions = torch.arange(slots, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.base.rotary_emb(probe, positions)  # the model's own rotary tables (and its scaling)
+        self.cos, self.sin = cos[0], sin[0]
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def keep(self, indices: Sequence[int], start: int) -> None:
+        """Slots ``indices[start:]`` move down to ``start..``; the cache then holds ``len(indices)`` slots."""
+        if start < len(indices):
+            src = torch.tensor(list(indices[start:]), dtype=torch.long, device=self.device)
+            end = len(indices)
+            self.keys[:, :, start:end] = self.keys[:, :, src]
+            self.values[:, :, start:end] = self.values[:, :, src]
+        self.length = len(indices)
+
+    # ------------------------------------------------------------------ the forward
+
+    @torch.inference_mode()
+    def run(self, ids: Sequence[int], position_ids: Optional[torch.Tensor] = None,
+            attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[1, rows, vocab]`` of ``ids`` appended after the cached slots (rows: all, or the last
+        ``logits_to_keep``)."""
+        count = len(ids)
+        start = self.length
+        bucket = next((b for b in BUCKETS if b >= count), None)
+        compiled = self._compiled is not None and bucket in self.warm
+        self.reserve(start + (bucket if compiled else count))
+        positions = position_ids[0] if position_ids is not None else torch.arange(start, start + count,
+                                                                                   device=self.device)
+        mask = attention_mask if attention_mask is not None else _causal(start, count, self.dtype, self.device)
+        ids_tensor = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        if not compiled:
+            slots = torch.arange(start, start + count, device=self.device)
+            eager_mask = None if count == 1 and attention_mask is None else mask  # one new row sees everything
+            logits = self._forward(ids_tensor[None], positions, slots, eager_mask, start + count)
+        else:
+            logits = self._run_compiled(ids_tensor, positions, mask, start, bucket)
+        self.length = start + count
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+    def warmup(self, sizes: Sequence[int]) -> None:
+        """Compile the buckets that hold ``sizes`` (one dummy step each, written past the cached slots and then
+        forgotten): the cache holds what it held."""
+        if self._compiled is None:
+            return
+        length = self.length
+        buckets = sorted({b for b in (next((b for b in BUCKETS if b >= s), None) for s in sizes) if b is not None})
+        if buckets:
+            self.reserve(length + buckets[-1])  # before compiling: growing would drop the graphs again
+        for bucket in buckets:
+            if bucket in self.warm:
+                continue
+            self.warm.add(bucket)
+            self.run([0] * bucket)
+            self.length = length
+
+    def _run_compiled(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int,
+                      bucket: int) -> torch.Tensor:
+        """Padded up to ``bucket``: padded rows write slots past the new length (masked for every later row,
+        overwritten later) and their logits are dropped. Attention spans the whole capacity, under the mask."""
+        count = ids.numel()
+        pad = bucket - count
+        padded_ids = F.pad(ids, (0, pad))[None]
+        padded_positions = F.pad(positions, (0, pad), value=int(positions[-1]))
+        slots = torch.arange(start, start + bucket, device=self.device)
+        full = torch.full((bucket, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        full[:count, :start + count] = mask[0, 0]
+        full[count:, 0] = 0  # padded rows attend somewhere: no NaN
+        return self._compiled(padded_ids, padded_positions, slots, full[None, None], self.capacity)[:, :count]
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 mask: Optional[torch.Tensor], span: int) -> torch.Tensor:
+        """Tokens ``input_ids [1, T]`` written at ``slots`` with rotary ``positions``, attending to the first
+        ``span`` slots under the additive ``mask [1, 1, T, span]``; logits ``[1, T, vocab]``."""
+        hidden = self.base.embed_tokens(input_ids)
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        for slot, index in enumerate(self.layer_ids):
+            hidden = self._layer(self.base.layers[index], slot, hidden, cos, sin, mask, slots, span)
+        return self.model.lm_head(self.base.norm(hidden))
+
+    def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: Optional[torch.Tensor], slots: torch.Tensor, span: int) -> torch.Tensor:
+        attention = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        count = x.shape[1]
+        q = attention.q_proj(x).view(1, count, self.heads, self.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attention.v_proj(x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        self.keys[slot].index_copy_(1, slots, k[0])
+        self.values[slot].index_copy_(1, slots, v[0])
+        keys, values = self.keys[slot, :, :span][None], self.values[slot, :, :span][None]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling,
+                                             enable_gqa=self.kv_heads != self.heads)
+        hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(1, count, self.heads * self.head_dim))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+class _Step(torch.nn.Module):
+    """The forward as a module that owns the model, so the compiler sees its weights as parameters (freezing)."""
+
+    def __init__(self, static: "StaticForward"):
+        super().__init__()
+        self.model = static.model
+        self.static = [static]  # a list: not a submodule
+
+    def forward(self, input_ids, positions, slots, mask, span: int):
+        return self.static[0]._forward(input_ids, positions, slots, mask, span)
+
+
+def _compile(static: "StaticForward"):
+    """torch.compile of the step. CPU: inductor with weight freezing and autotuned GEMMs (its C++ micro-GEMM beats
+    MKL's small-M GEMM: benchmarks/forward_roofline.py); CUDA: CUDA graphs (reduce-overhead)."""
+    import torch._inductor.config as inductor
+
+    step = _Step(static).eval()
+    if static.device.type == "cpu":
+        inductor.freezing = True
+        return torch.compile(step, mode="max-autotune-no-cudagraphs", dynamic=False)
+    return torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _causal(start: int, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask ``[1, 1, count, start + count]``: every new row sees the cache and the rows up to itself."""
+    allowed = torch.ones(count, start + count, dtype=torch.bool, device=device)
+    allowed[:, start:] = torch.ones(count, count, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
