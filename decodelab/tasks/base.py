@@ -15,6 +15,9 @@ class Prompt:
     category: str
     turns: List[str]
     reference: Optional[str] = None
+    # Every acceptable answer (Spec-Bench's RAG lines list several); the reference is the first. Exact match
+    # scores against any of them.
+    answers: List[str] = field(default_factory=list)
     # Which quality scorer applies (see SCORERS); None: open-ended, only distinct-n/repetition.
     scorer: Optional[str] = None
     # Extra data a scorer needs (HumanEval: "test", "entry_point", "prompt").

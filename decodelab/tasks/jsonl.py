@@ -1,15 +1,22 @@
 """Loader for Spec-Bench's question.jsonl format, the interchange format of every text task.
 
 One JSON object per line: ``question_id``, ``category``, ``turns`` (non-empty list of str), optional
-``reference`` (str, or a list of which the first is used: MT-bench gives one per turn) and optional
-``scorer``. Errors name the file and the 1-based line so a user can fix their own file.
+``reference`` and optional ``scorer``. A reference takes every shape the two benchmarks use:
+
+- absent or null (MT-bench's open questions): no reference;
+- a str;
+- a list of str, one per turn (MT-bench's math and reasoning lines): the first turn's is the reference;
+- a list of lists of str, the acceptable answers per turn (Spec-Bench's RAG lines): the first turn's answers,
+  scored by exact match against any of them (``scorer`` defaults to ``exact`` for this shape).
+
+Errors name the file and the 1-based line so a user can fix their own file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from decodelab.config import TaskConfig
 from decodelab.errors import UserError, check
@@ -59,22 +66,28 @@ def _parse_line(line: str, where: str) -> Prompt:
     turns = obj.get("turns")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
         raise UserError(f"{where}: missing or invalid 'turns' (non-empty list of str)")
-    reference = _reference(obj.get("reference"), where)
-    scorer = _scorer(obj.get("scorer"), reference, where)
-    return Prompt(id=str(qid), category=category, turns=list(turns), reference=reference, scorer=scorer)
+    answers, alternatives = _answers(obj.get("reference"), where)
+    reference = answers[0] if answers else None
+    scorer = _scorer(obj.get("scorer", "exact" if alternatives else None), reference, where)
+    return Prompt(id=str(qid), category=category, turns=list(turns), reference=reference, answers=answers,
+                  scorer=scorer)
 
 
-def _reference(value: Any, where: str) -> Optional[str]:
-    """Accept a str or a list (first item), as Spec-Bench and MT-bench files both occur."""
+REFERENCE_SHAPES = "str, list of str (one per turn) or list of lists of str (acceptable answers per turn)"
+
+
+def _answers(value: Any, where: str) -> Tuple[List[str], bool]:
+    """The first turn's acceptable answers, and whether the line listed alternatives (a list of lists)."""
     if value is None:
-        return None
-    if isinstance(value, list):
-        if not value:
-            return None
-        value = value[0]
-    if not isinstance(value, str):
-        raise UserError(f"{where}: invalid 'reference' (str or list of str)")
-    return value
+        return [], False
+    if isinstance(value, str):
+        return [value], False
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value[:1], False
+    if isinstance(value, list) and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in value):
+        first = next((v for v in value if v), [])
+        return list(first), bool(first)
+    raise UserError(f"{where}: invalid 'reference' ({REFERENCE_SHAPES})")
 
 
 def _scorer(value: Any, reference: Optional[str], where: str) -> Optional[str]:

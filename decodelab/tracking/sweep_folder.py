@@ -74,3 +74,24 @@ def run_dirs(sweep_dir: Path) -> List[Path]:
         elif (Path(earlier["run_dir"]) / CONFIG_FILE).is_file():
             out.append(Path(earlier["run_dir"]))
     return out
+
+
+# Where `decodelab run -m` and `decodelab sweep NAME` put sweep folders (relative to the working directory).
+MULTIRUN_DIR = Path("multirun")
+
+
+def named_sweeps(name: str, root: Path = MULTIRUN_DIR) -> List[Path]:
+    """The sweep folders of the named sweep ``root/name/<date>_<time>_<id>/``, oldest first (the names sort by
+    time)."""
+    folder = Path(root) / name
+    if "/" in name or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (is_sweep(p) or job_dirs(p)))
+
+
+def sweep_names(root: Path = MULTIRUN_DIR) -> List[str]:
+    """Names of the named sweeps under ``root`` that hold at least one sweep folder."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and named_sweeps(p.name, root))
+

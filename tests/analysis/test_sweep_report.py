@@ -179,6 +179,21 @@ def test_cli_writes_into_the_sweep_folder_and_prints_paths(mlflow_sweep, tmp_pat
         assert (sweep / "report" / name).is_file() and f"wrote {sweep.resolve() / 'report' / name}" in out
 
 
+def test_a_sweep_name_reports_its_latest_folder(mlflow_sweep, tmp_path, monkeypatch, capsys):
+    """`decodelab report drafters` after `decodelab sweep drafters`: the latest multirun/drafters/<time>_<id>/."""
+    for stamp in ("2026-01-01_00-00-00_aaaaaa", "2026-01-02_00-00-00_bbbbbb"):
+        shutil.copytree(mlflow_sweep["dir"], tmp_path / "multirun" / "drafters" / stamp,
+                        ignore=shutil.ignore_patterns("report"))
+        (tmp_path / "multirun" / "drafters" / stamp / "sweep.json").unlink(missing_ok=True)
+    monkeypatch.chdir(tmp_path)
+    cli(["drafters"])
+    latest = tmp_path / "multirun" / "drafters" / "2026-01-02_00-00-00_bbbbbb"
+    assert (latest / "report" / "report.md").is_file()
+    assert not (tmp_path / "multirun" / "drafters" / "2026-01-01_00-00-00_aaaaaa" / "report").exists()
+    with pytest.raises(UserError, match=r"SWEEP: sampling is neither .*\(drafters\)"):
+        cli(["sampling"])
+
+
 def test_failed_and_unfinished_jobs_are_listed(mlflow_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(mlflow_sweep["dir"], sweep, ignore=shutil.ignore_patterns("report", "sweep.json"))
@@ -245,7 +260,8 @@ def test_pareto_front_keeps_points_nothing_beats_on_both_axes():
 
 
 def test_bad_sweep_is_one_line_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"^SWEEP: .*nope is neither a sweep folder nor an MLflow run id"):
+    with pytest.raises(UserError, match=r"^SWEEP: .*nope is neither a sweep folder, a sweep name under multirun/ "
+                                        r"\(none found\) nor an MLflow run id"):
         write_report(tmp_path / "nope", None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no job folders"):

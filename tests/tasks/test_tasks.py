@@ -76,6 +76,38 @@ def test_jsonl_loads_spec_bench_format(tmp_path):
     assert prompts[1].reference == "2" and prompts[1].scorer == "math_exact"
 
 
+def test_jsonl_takes_every_reference_shape_of_spec_bench_and_mt_bench(tmp_path):
+    """Lines shaped like Spec-Bench's RAG (acceptable answers per turn), MT-bench's open questions (no reference)
+    and its math lines (one reference per turn), written here; exact match scores against any answer."""
+    from decodelab.experiment.quality import score
+
+    path = write_lines(tmp_path / "question.jsonl", [
+        {"question_id": 401, "category": "rag", "turns": ["Who designed the bridge?"],
+         "reference": [["Clara Voss", "C. Voss", "Voss"]]},
+        {"question_id": 81, "category": "writing", "turns": ["Write a blog post.", "Rewrite it."]},
+        {"question_id": 111, "category": "math", "turns": ["2+2?", "And 3+3?"], "reference": ["4", "6"],
+         "scorer": "math_exact"},
+        {"question_id": 5, "category": "qa", "turns": ["a"], "reference": None},
+        {"question_id": 6, "category": "rag", "turns": ["a"], "reference": [[]]},
+    ])
+    rag, open_question, math, null_reference, no_answers = load_jsonl(path)
+    assert (rag.reference, rag.answers, rag.scorer) == ("Clara Voss", ["Clara Voss", "C. Voss", "Voss"], "exact")
+    assert (open_question.reference, open_question.answers, open_question.scorer) == (None, [], None)
+    assert (math.reference, math.scorer) == ("4", "math_exact")
+    assert null_reference.reference is None and no_answers.reference is None and no_answers.scorer is None
+    assert score(rag, "It was the engineer C. Voss.")["exact_match"] == 1.0  # the second acceptable answer
+    assert score(rag, "Nobody knows.")["exact_match"] == 0.0
+    assert "exact_match" not in score(open_question, "A post.")
+
+
+@pytest.mark.parametrize("reference", [[["ok"], [1]], [["ok"], "mixed"], {"answer": "x"}, 3, [[["deep"]]]])
+def test_jsonl_malformed_reference_is_one_line(tmp_path, reference):
+    path = write_lines(tmp_path / "q.jsonl", [{"question_id": 1, "category": "rag", "turns": ["a"],
+                                               "reference": reference}])
+    with pytest.raises(UserError, match=r"q.jsonl line 1: invalid 'reference' \(str, list of str .*list of lists"):
+        load_jsonl(path)
+
+
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(UserError, match=r"task.path: file not found: .*nope.jsonl"):
         load_jsonl(tmp_path / "nope.jsonl")
