@@ -46,8 +46,22 @@ def check_keys(node: Any, schema: type, prefix: str = "", owner: str = "") -> No
         if nested is None or value is None:
             continue
         if not isinstance(value, dict):
-            raise ConfigError(full, f"expected a {nested.__name__} block, got {value!r}")
+            raise ConfigError(full, block_expected(nested.__name__, value, full))
         check_keys(value, nested, full, owner)
+
+
+def group_of(schema: str) -> Optional[str]:
+    """The config group whose options are ``schema`` blocks (``ModelConfig`` -> ``model``), else None."""
+    return next((f.name for f in dataclasses.fields(RunConfig)
+                 if (f.type if isinstance(f.type, str) else f.type.__name__) == schema), None)
+
+
+def block_expected(schema: str, value: Any, key: str) -> str:
+    """What to say when a plain value stands where a ``schema`` block belongs; a group's block is picked with
+    ``<group>@<key>=<option>`` (``drafter.model=qwen2.5-coder-0.5b`` assigns a string)."""
+    group = group_of(schema)
+    hint = f"; pick a {group} with {group}@{key}=<option> (decodelab list)" if group else ""
+    return f"expected a {schema} block, got {value!r}{hint}"
 
 
 def _dataclass_in(hint: Any) -> Optional[type]:

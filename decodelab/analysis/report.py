@@ -27,8 +27,8 @@ from decodelab.experiment import plots
 from decodelab.drafters.registry import REGISTRY
 from decodelab.config import DEFAULT_TRACKING_URI
 from decodelab.errors import UserError, warn
-from decodelab.tracking.sweep_folder import (MULTIRUN_DIR, is_sweep, named_sweeps, read_sweep_meta, run_dirs,
-                                             sweep_names)
+from decodelab.tracking.sweep_folder import (MULTIRUN_DIR, is_sweep, job_dirs, named_sweeps, read_sweep_meta,
+                                             run_dirs, sweep_names)
 from decodelab.experiment.telemetry import acceptance_stats, merge_steps
 from decodelab.tracking.run_folder import (CONFIG_FILE, FINISHED, SAMPLES_FILE, SUMMARY_FILE, FolderError,
                                           RunFolder, write_json)
@@ -471,6 +471,16 @@ def log_to_parent(meta: Dict[str, Any], files: Sequence[Path], default_uri: str)
     return str(run_id)
 
 
+def _sweep_folder(sweep: str) -> Path:
+    """The folder a SWEEP argument names: a sweep folder itself, else the latest folder of a named sweep, given by
+    its name (under multirun/) or as multirun/<name>."""
+    path = Path(sweep).expanduser()
+    if path.is_dir() and (is_sweep(path) or job_dirs(path)):
+        return path
+    found = named_sweeps(path.name, path.parent) if path.is_dir() else named_sweeps(sweep)
+    return found[-1] if found else path
+
+
 def write_report(sweep: Path | str, out_dir: Optional[Path] = None, tracking_uri: str = DEFAULT_TRACKING_URI,
                  log_to_mlflow: bool = True) -> Dict[str, Any]:
     """Write report.md, report.html and the PNGs for a sweep folder or an MLflow parent run id.
@@ -478,12 +488,7 @@ def write_report(sweep: Path | str, out_dir: Optional[Path] = None, tracking_uri
     Returns {"out_dir", "markdown", "html", "plots" (PNG paths), "skipped" (plot title -> reason),
     "jobs" (job name -> status), "mlflow_run_id" (the parent the files were logged to, or None)}.
     """
-    sweep_path = Path(sweep).expanduser()
-    if not sweep_path.is_dir() and named_sweeps(str(sweep)):
-        sweep_path = named_sweeps(str(sweep))[-1]  # a sweep's name: its latest folder
-    elif sweep_path.is_dir() and not is_sweep(sweep_path) and not _folder_jobs(sweep_path) \
-            and named_sweeps(sweep_path.name, sweep_path.parent):
-        sweep_path = named_sweeps(sweep_path.name, sweep_path.parent)[-1]  # multirun/<name>: its latest folder
+    sweep_path = _sweep_folder(str(sweep))
     if sweep_path.is_dir():
         jobs = _folder_jobs(sweep_path)
         if not jobs:

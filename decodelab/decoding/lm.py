@@ -151,14 +151,15 @@ class LMAdapter:
     def _run(self, ids: Sequence[int], **inputs) -> torch.Tensor:
         """One model call over ``ids`` after the cached tokens (``inputs``: mask, positions, logits kept); the
         cache, the token list and the forward count follow it. Float32 logits [rows, vocab]."""
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         if self.static is not None:
             logits = self.static.run(ids, **inputs)
-        elif self.layers is None:
-            out = self._model_call(input_ids=input_ids, **{CACHE_KWARG: self.cache}, use_cache=True, **inputs)
-            logits = out.logits  # the cache object is updated in place
         else:
-            logits = self._run_layers(input_ids, **inputs)
+            input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            if self.layers is None:
+                out = self._model_call(input_ids=input_ids, **{CACHE_KWARG: self.cache}, use_cache=True, **inputs)
+                logits = out.logits  # the cache object is updated in place
+            else:
+                logits = self._run_layers(input_ids, **inputs)
         self.tokens.extend(ids)
         self.forwards += 1
         return logits[0].float()

@@ -30,22 +30,33 @@ BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_SLOTS = 512
 
 
-def unsupported(model) -> Optional[str]:
-    """Why ``model`` cannot take the static path, or None when it can."""
+def layout_problem(model) -> Optional[str]:
+    """Why ``model`` lacks the llama/qwen2 decoder layout that a forward over its own submodules needs (this
+    module's, and the adapter's layer subsets), or None when it has it."""
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
     if family not in FAMILIES:
         return f"model family {family!r} (static path: {', '.join(FAMILIES)})"
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        return "sliding-window attention"
     if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
         return "layers other than full attention"
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, p) for p in ("embed_tokens", "rotary_emb", "layers", "norm")) \
+            or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} lacks the llama module layout (model.embed_tokens/layers/norm/rotary_emb)"
+    return None
+
+
+def unsupported(model) -> Optional[str]:
+    """Why ``model`` cannot take the static path, or None when it can."""
+    problem = layout_problem(model)
+    if problem is not None:
+        return problem
+    config = model.config
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
     if attention not in ATTENTION:
         return f"attn_implementation {attention!r} (the static path computes {' / '.join(ATTENTION)} attention)"
-    base = getattr(model, "model", None)
-    if base is None or not all(hasattr(base, p) for p in ("embed_tokens", "rotary_emb", "layers", "norm")):
-        return f"{type(model).__name__} lacks the llama module layout (model.embed_tokens/layers/norm/rotary_emb)"
     return None
 
 
@@ -126,16 +137,18 @@ class StaticForward:
         count = len(ids)
         start = self.length
         bucket = next((b for b in BUCKETS if b >= count), None)
+        # Room first: growing the cache drops the warm graphs, so whether this step is compiled is decided after.
+        self.reserve(start + (bucket if self.warm and bucket is not None else count))
         compiled = self._compiled is not None and bucket in self.warm
-        self.reserve(start + (bucket if compiled else count))
         positions = position_ids[0] if position_ids is not None else torch.arange(start, start + count,
                                                                                    device=self.device)
-        mask = attention_mask if attention_mask is not None else _causal(start, count, self.dtype, self.device)
+        mask = attention_mask
+        if mask is None and (compiled or count > 1):  # eager: one new row sees everything, no mask needed
+            mask = _causal(start, count, self.dtype, self.device)
         ids_tensor = torch.tensor(list(ids), dtype=torch.long, device=self.device)
         if not compiled:
             slots = torch.arange(start, start + count, device=self.device)
-            eager_mask = None if count == 1 and attention_mask is None else mask  # one new row sees everything
-            logits = self._forward(ids_tensor[None], positions, slots, eager_mask, start + count)
+            logits = self._forward(ids_tensor[None], positions, slots, mask, start + count)
         else:
             logits = self._run_compiled(ids_tensor, positions, mask, start, bucket)
         self.length = start + count

@@ -1,7 +1,7 @@
 """drafter=layer_skip: self-speculative decoding with the target's own weights (no second copy).
 
-The draft model is the target cut short (an LMAdapter with ``layers``): the embedding, the first ``exit_layer`` decoder layers (or every
-layer except ``skip_layers``), then the target's final norm and LM head (early exit as in LayerSkip /
+The draft model is the target cut short (an LMAdapter with ``layers``): the embedding, the first
+``exit_layer`` decoder layers (or every layer except ``skip_layers``), then the target's final norm and LM head (early exit as in LayerSkip /
 Draft & Verify / SWIFT; training-free here, so acceptance depends on how well the model's intermediate
 layers already predict through its head). The drafter keeps its own KV cache (a transformers
 DynamicCache holding only the layers it runs), kept in step with the context as draft_model does.
@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-
-
 from decodelab.decoding.lm import LMAdapter
+from decodelab.decoding.static import FAMILIES, layout_problem
 from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
 from decodelab.drafters.length import DraftLengthConfig
 from decodelab.decoding.types import Draft
@@ -25,7 +24,6 @@ from decodelab.drafters.draft_model import ChainDrafter, model_eos_ids, output_v
 from decodelab.errors import ConfigError, check
 from decodelab.decoding.logits import LogitsPipeline
 
-SUPPORTED = ("llama", "qwen2")
 
 
 @dataclass
@@ -65,17 +63,10 @@ class LayerSkipConfig(DrafterConfig):
 
 
 def check_supported(model) -> None:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    base = getattr(model, "model", None)
-    parts = ("embed_tokens", "rotary_emb", "layers", "norm")
-    if model_type not in SUPPORTED or base is None or not all(hasattr(base, p) for p in parts) \
-            or not hasattr(model, "lm_head"):
-        raise ConfigError("drafter.name", f"layer_skip supports {'/'.join(SUPPORTED)}-style models; the target is "
-                          f"{model_type!r} ({type(model).__name__}); use drafter=draft_model or a model-free drafter")
-    layer_types = getattr(model.config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise ConfigError("drafter.name", f"layer_skip needs full-attention layers; the target {model_type!r} has "
-                          f"{sorted(set(layer_types))}")
+    problem = layout_problem(model)
+    if problem is not None:
+        raise ConfigError("drafter.name", f"layer_skip supports {'/'.join(FAMILIES)}-style models; the target has "
+                          f"{problem}; use drafter=draft_model or a model-free drafter")
 
 
 class LayerSkipDrafter(ChainDrafter):

@@ -80,19 +80,15 @@ def check_run_keys(cfg: DictConfig) -> None:
 def _group_hint(message: str) -> str:
     """A group option assigned as a plain string (``drafter.model=qwen2.5-coder-0.5b``) is a block picked with
     ``<group>@<key>=<option>``: say so, instead of OmegaConf's type complaint."""
-    import dataclasses
     import re
 
+    from decodelab.config import block_expected, group_of
+
     match = re.match(r"^(\S+): Invalid type assigned: str is not a subclass of (\w+)\. value: (.*)$", message)
-    if not match:
+    if not match or group_of(match.group(2)) is None:
         return message
     key, schema, value = match.groups()
-    groups = {f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in dataclasses.fields(RunConfig)}
-    group = groups.get(schema)
-    if group is None:
-        return message
-    return (f"{key}: expected a {schema} block, got {value!r}; pick a {group} with {group}@{key}=<option> "
-            "(decodelab list)")
+    return f"{key}: {block_expected(schema, value, key)}"
 
 
 def validate(cfg: DictConfig) -> None:
