@@ -220,6 +220,9 @@ class TaskConfig:
     stop_strings: List[str] = field(default_factory=list)
     # Multi-turn prompts: ask at most this many turns (null: all).
     max_turns: Optional[int] = None
+    # Run generated code (HumanEval's tests) without OS isolation: the explicit opt-in where no sandbox
+    # can be built; the run's tags and every record say so.
+    unsafe_execution: bool = False
 
     def validate(self, key: str = "task") -> None:
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")

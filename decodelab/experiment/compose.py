@@ -94,9 +94,9 @@ def _group_hint(message: str) -> str:
 def validate(cfg: DictConfig) -> None:
     """Types, ranges and availability of everything a run needs, without loading a model."""
     from decodelab.models.loading import check_model_available, resolve_device
-    from decodelab.tasks import load_task
-
     from decodelab.drafters.registry import drafter_config
+    from decodelab.experiment.quality import code_execution
+    from decodelab.tasks import load_task
 
     parts = {}
     for group in VALIDATED_GROUPS:
@@ -112,7 +112,7 @@ def validate(cfg: DictConfig) -> None:
     run.validate()
     resolve_device(run.backend)
     check_model_available(run.model)
-    load_task(run.task)
+    code_execution(run.task, load_task(run.task), announce=False)
 
 
 def validate_overrides(overrides: Sequence[str], multirun: bool) -> None:

@@ -2,25 +2,24 @@
 
 Speed-ups only count if quality holds, so every run scores its outputs the same way for every backend
 and drafter. Scorers: ``rouge_l`` (summaries), ``math_exact`` (last number), ``exact`` (short answer
-contained in the output) and ``humaneval`` (pass@1, running the problem's tests in a sandbox).
+contained in the output) and ``humaneval`` (pass@1, running the problem's tests in
+the OS sandbox of :mod:`decodelab.experiment.sandbox`).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from decodelab.config import TaskConfig
+from decodelab.errors import check, warn
+from decodelab.experiment.sandbox import ISOLATED, UNCONFINED, require_isolation, run_program
 from decodelab.tasks.base import Prompt
 
 HUMANEVAL_TIMEOUT_S = 10.0
-SANDBOX_MEMORY_BYTES = 1 << 30
+# Scorers that execute the answer.
+CODE_SCORERS = ("humaneval",)
 
 # Numbers as written in answers: "-3", "1,234", "$1,234.50", "0.5" (a trailing "." is not part of it).
 _NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -28,8 +27,11 @@ _NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
-def score(prompt: Prompt, answer: str, humaneval_timeout: float = HUMANEVAL_TIMEOUT_S) -> Dict[str, float]:
-    """All quality metrics of one answer: diversity always, plus the prompt's scorer if it has one."""
+def score(prompt: Prompt, answer: str, execution: str = ISOLATED,
+          humaneval_timeout: float = HUMANEVAL_TIMEOUT_S) -> Dict[str, float]:
+    """All quality metrics of one answer: diversity always, plus the prompt's scorer if it has one.
+
+    ``execution`` says how a scorer that runs the answer (HumanEval) runs it (see :mod:`.sandbox`)."""
     out = diversity(answer)
     if prompt.scorer == "rouge_l" and prompt.reference is not None:
         out["rouge_l"] = rouge_l(prompt.reference, answer)
@@ -38,7 +40,7 @@ def score(prompt: Prompt, answer: str, humaneval_timeout: float = HUMANEVAL_TIME
     elif prompt.scorer == "exact" and prompt.reference is not None:
         out["exact_match"] = max(contains_exact(want, answer) for want in prompt.answers or [prompt.reference])
     elif prompt.scorer == "humaneval":
-        out["pass@1"] = humaneval_pass(prompt.meta, answer, timeout=humaneval_timeout)
+        out["pass@1"] = humaneval_pass(prompt.meta, answer, execution, timeout=humaneval_timeout)
     return out
 
 
@@ -141,72 +143,33 @@ def extract_code(answer: str, prompt: str, entry_point: str) -> str:
     return prompt + code
 
 
-def humaneval_pass(meta: Dict[str, str], answer: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> float:
-    """pass@1 of one answer: 1.0 iff the problem's tests exit cleanly in the sandbox."""
+def humaneval_pass(meta: Dict[str, str], answer: str, execution: str = ISOLATED,
+                   timeout: float = HUMANEVAL_TIMEOUT_S) -> float:
+    """pass@1 of one answer: 1.0 iff the problem's tests exit cleanly (in the sandbox unless ``execution`` says not)."""
     program = extract_code(answer, meta["prompt"], meta["entry_point"])
     program += "\n" + meta["test"] + f"\ncheck({meta['entry_point']})\n"
-    return 1.0 if run_sandboxed(program, timeout) == 0 else 0.0
+    return 1.0 if run_program(program, timeout, execution) == 0 else 0.0
 
 
-# Runs in the child before the program. Limits are set here rather than in a preexec_fn, which the
-# subprocess docs call unsafe (possible deadlock) in a parent with threads, as torch's always has.
-_GUARD = """\
-import resource, runpy, socket, sys
-def _cap(kind, value):
-    try:
-        resource.setrlimit(kind, (value, value))
-    except (ValueError, OSError):  # not enforceable everywhere (RLIMIT_AS on macOS)
-        pass
-_cap(resource.RLIMIT_AS, int(sys.argv[1]))
-_cap(resource.RLIMIT_FSIZE, 64 << 20)
-_cap(resource.RLIMIT_CORE, 0)
-class _NoNetwork(socket.socket):
-    def __init__(self, *args, **kwargs):
-        raise OSError("network access is disabled in the decodelab sandbox")
-socket.socket = _NoNetwork
-socket.create_connection = _NoNetwork
-sys.argv = sys.argv[2:]
-del _cap, _NoNetwork
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+def executes_code(prompts: Sequence[Prompt]) -> bool:
+    """Whether scoring these prompts runs generated code."""
+    return any(prompt.scorer in CODE_SCORERS for prompt in prompts)
 
 
-def _sandbox_env(tmpdir: str) -> Dict[str, str]:
-    """A minimal environment: no proxies, no credentials, nothing from the parent's Python setup."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmpdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
-           "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-    env.update({name: "*" for name in ("no_proxy", "NO_PROXY")})
-    return env
+def code_execution(task: TaskConfig, prompts: Sequence[Prompt], announce: bool = True) -> Optional[str]:
+    """How this run executes generated code: ISOLATED, UNCONFINED (``task.unsafe_execution``), None if it runs none.
 
-
-def run_sandboxed(program: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> Optional[int]:
-    """Run ``program`` in a fresh isolated interpreter in a temp dir; its exit code, None on timeout.
-
-    Isolation: ``-I`` (no user site, no PYTHON* variables), a minimal environment, 1 GiB address space,
-    sockets refused. This stops accidents from generated code, not a determined attacker.
-
-    The child gets its own session so that on timeout the whole process group (and anything it spawned)
-    is killed, not just the interpreter.
+    Checked before the model loads (validation calls it with ``announce=False``), so a machine that cannot
+    isolate code fails in a second, not after decoding.
     """
-    with tempfile.TemporaryDirectory(prefix="decodelab-sandbox-") as tmpdir:
-        file = Path(tmpdir) / "program.py"
-        file.write_text(program, encoding="utf-8")
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _GUARD, str(SANDBOX_MEMORY_BYTES), str(file)],
-            cwd=tmpdir, env=_sandbox_env(tmpdir), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return None
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.wait()
+    if not executes_code(prompts):
+        check(not task.unsafe_execution, "task.unsafe_execution",
+              f"task={task.name} runs no generated code (HumanEval does), so there is nothing to run unconfined")
+        return None
+    if task.unsafe_execution:
+        if announce:
+            warn(f"task.unsafe_execution=true: task={task.name} runs generated code UNCONFINED (your files, processes "
+                 f"and network are reachable); the run's tags and records say code_execution={UNCONFINED}")
+        return UNCONFINED
+    require_isolation(f"task={task.name}")
+    return ISOLATED

@@ -29,6 +29,8 @@ from decodelab.tasks import load_task
 from decodelab.tasks.base import Prompt
 from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV
 from decodelab.errors import notice
+from decodelab.experiment.quality import code_execution, score
+from decodelab.experiment.sandbox import ISOLATED
 
 
 # Cache slots beyond prompt + max_new_tokens: the longest draft a step may verify past the last token.
@@ -50,9 +52,10 @@ def setup_backend(backend: BackendConfig) -> None:
 class PromptRunner:
     """Decodes prompts (all turns, each answered after the model's own previous answers) with one model."""
 
-    def __init__(self, loaded: LoadedModel, run: RunConfig):
+    def __init__(self, loaded: LoadedModel, run: RunConfig, execution: Optional[str] = None):
         self.loaded = loaded
         self.run = run
+        self.execution = execution  # how generated code is run (see code_execution); None: it is not
         self.tokenizer = loaded.tokenizer
         self.target = LMAdapter(loaded.model, cache=run.backend.kv_cache, compile=run.backend.compile)
         self.target.reserve(RESERVED_SLOTS)
@@ -102,8 +105,6 @@ class PromptRunner:
         return generator
 
     def run_prompt(self, index: int, prompt: Prompt) -> dict:
-        from decodelab.experiment.quality import score
-
         _reset_peak_memory(self.target.device)
         messages: List[dict] = []
         turns: List[Generation] = []
@@ -136,7 +137,7 @@ class PromptRunner:
             "prompt_tokens": prompt_tokens, "output_tokens": [g.tokens for g in turns], "stop_reasons": [g.stop_reason for g in turns],
             **sample_timing(turns),
             "peak_mem_mb": _peak_memory_mb(self.target.device),
-            "quality": score(prompt, "\n".join(outputs)),
+            "quality": score(prompt, "\n".join(outputs), self.execution or ISOLATED),
             "steps": [s.to_list() for g in turns for s in g.steps],
             "lossy": any(getattr(g, "lossy", False) for g in turns),
         }
@@ -145,6 +146,8 @@ class PromptRunner:
                                   "wall_s": sum(r.wall_s for r in baselines),
                                   "ttft_s_total": sum(r.ttft_s for r in baselines), "turns": len(baselines),
                                   "cached": all(r.cached for r in baselines)}
+        if self.execution is not None:
+            record["code_execution"] = self.execution
         if divergences:
             record["lossless"] = all(d is None for d in divergences)
             record["divergences"] = [dict(turn=i, **d) for i, d in enumerate(divergences) if d is not None]
@@ -217,11 +220,14 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
             return _reuse(previous, run_dir, digest)
     setup_backend(run_cfg.backend)
     prompts = load_task(run_cfg.task)
+    execution = code_execution(run_cfg.task, prompts)
     loaded = load_model(run_cfg.model, run_cfg.backend)
-    runner = PromptRunner(loaded, run_cfg)
+    runner = PromptRunner(loaded, run_cfg, execution)
     run_name = run_cfg.run_name or f"{run_cfg.model.name}|{run_cfg.drafter.name}|{run_cfg.strategy.name}|{run_cfg.task.name}"
     tags = {**run_cfg.tags, "model_fingerprint": loaded.fingerprint, "config_hash": digest,
             "kv_cache": runner.target.kind}
+    if execution is not None:
+        tags["code_execution"] = execution
     if previous is not None:
         tags["resumed_from"] = str(previous.run_dir)
     tracker = Tracker(run_dir, run_cfg.tracking, run_name, tags=tags)

@@ -45,6 +45,7 @@ CASES = [
     (["+backend.compile_mode=max"], ["backend.compile_mode", "unknown key", "compile"]),
     (["+extra_note=hello"], ["extra_note", "unknown key", "tags"]),
     (["logger=none"], ["logger=none", "tracking=none"]),
+    (["task.unsafe_execution=true"], ["task.unsafe_execution", "no generated code"]),
 ]
 
 
@@ -75,6 +76,20 @@ def test_bad_input_one_line_exit_2(args, words, capsys, tmp_path, monkeypatch):
     code, err = _run_cli(args, capsys, tmp_path, monkeypatch)
     _assert_one_line_error(code, err, words)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_humaneval_without_isolation_refuses_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    """Fail closed: no unshare on PATH, so generated code cannot be isolated and nothing runs."""
+    from decodelab.experiment import sandbox
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox.isolation_problem.cache_clear()
+    try:
+        code, err = _run_cli(["model=tiny-random", "task=humaneval", "task.limit=1"], capsys, tmp_path, monkeypatch)
+    finally:
+        sandbox.isolation_problem.cache_clear()
+    _assert_one_line_error(code, err, ["task=humaneval", "cannot isolate", "unshare", "task.unsafe_execution=true"])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_malformed_jsonl_names_the_line(capsys, tmp_path, monkeypatch):

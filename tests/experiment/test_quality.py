@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from decodelab.experiment.quality import aggregate_quality, distinct_n, extract_code, math_exact, repetition_rate, run_sandboxed, score
+from decodelab.experiment.quality import aggregate_quality, distinct_n, extract_code, math_exact, repetition_rate, score
 from decodelab.tasks.base import Prompt
 from decodelab.tasks.humaneval import load_humaneval, read_problems
 
@@ -89,14 +89,6 @@ def test_humaneval_infinite_loop_times_out_quickly(problem0):
     start = time.monotonic()
     assert score(p, "    while True:\n        pass\n", humaneval_timeout=1.0)["pass@1"] == 0.0
     assert time.monotonic() - start < 5
-
-
-def test_sandbox_refuses_sockets_and_caps_memory():
-    refused = "import socket\ntry:\n    socket.socket()\nexcept OSError as e:\n    raise SystemExit(3 if 'disabled' in str(e) else 4)\n"
-    assert run_sandboxed(refused) == 3
-    # 2 GiB would usually succeed on the host (overcommit); under the 1 GiB cap it is a MemoryError.
-    assert run_sandboxed("try:\n    x = bytearray(2 << 30)\nexcept MemoryError:\n    raise SystemExit(5)\n") == 5
-    assert run_sandboxed("import os\nassert not os.environ.get('HTTPS_PROXY')\n") == 0
 
 
 def test_extract_code_prefers_block_defining_entry_point():

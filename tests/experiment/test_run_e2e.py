@@ -13,6 +13,7 @@ import pytest
 from decodelab.experiment.compose import compose
 from decodelab.experiment.metrics import HEADLINE
 from decodelab.experiment.runner import run
+from decodelab.tracking.run_folder import RunFolder
 
 EXE = str(Path(sys.executable).with_name("decodelab"))
 TINY = ["model=tiny-random", "task.max_new_tokens=12"]
@@ -102,6 +103,16 @@ def test_humaneval_scored_in_sandbox(tmp_path):
     cfg = compose([*TINY, "tracking=none", "task=humaneval", "task.limit=1", "task.max_new_tokens=8"])
     summary = run(cfg, output_dir=str(tmp_path / "run"))
     assert summary["pass@1"] == 0.0  # random weights write no working code
+    assert [s["code_execution"] for s in _samples(tmp_path / "run")] == ["isolated"]
+
+
+def test_unsafe_execution_is_warned_and_recorded(tmp_path, capsys):
+    cfg = compose([*TINY, "tracking=none", "task=humaneval", "task.limit=2", "task.max_new_tokens=4",
+                   "task.unsafe_execution=true"])
+    run(cfg, output_dir=str(tmp_path / "run"))
+    assert "UNCONFINED" in capsys.readouterr().err
+    assert [s["code_execution"] for s in _samples(tmp_path / "run")] == ["unconfined"] * 2
+    assert RunFolder(tmp_path / "run").tracking()["tags"]["code_execution"] == "unconfined"
 
 
 def test_same_seed_same_samples(tmp_path):
