@@ -134,6 +134,8 @@ class BackendConfig:
     threads: Optional[int] = None
     attn_implementation: str = "sdpa"
     compile: bool = False
+    # Who runs the sampling filters and rejection samplers: torch (the decoding core) or triton (kernels/; what
+    # it refuses and why: decodelab.kernels.provider).
     kernels: str = "torch"
     # The KV cache and forward of the target (and of a draft model): one of KV_CACHES.
     kv_cache: str = "auto"

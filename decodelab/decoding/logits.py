@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
+from decodelab.decoding.types import Kernels
+
 
 NEG_INF = float("-inf")
 # generate() keeps at least this many tokens when not doing beam search; every filter honours it.
@@ -27,6 +29,9 @@ MIN_TOKENS_TO_KEEP = 1
 ORDER: Tuple[str, ...] = (
     "repetition_penalty", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
 )
+# What a pipeline with a Kernels provider can run: the provider fuses temperature .. min_p (a prefix of ORDER
+# after the penalty), and the repetition penalty, an elementwise step before them, stays in torch.
+KERNEL_STEPS: Tuple[str, ...] = ORDER[:5]
 
 
 @dataclass(frozen=True)
@@ -190,10 +195,17 @@ class LogitsPipeline:
     Built once per strategy; only active steps are kept, so a disabled filter costs nothing. In greedy
     mode only the repetition penalty applies (as in ``generate`` with ``do_sample=False``: warpers are
     sampling-only), then argmax.
+
+    With ``kernels`` (a provider, see :class:`~decodelab.decoding.types.Kernels`) :meth:`probs` and
+    :meth:`sample` run the filters as one fused kernel after the penalty, which stays in torch, and the
+    verifier runs its rejection samplers on the provider; :meth:`process` (masked logits, for drafters that
+    rank candidates) stays torch. A strategy with a step the kernels do not fuse (typical, epsilon, eta) or
+    with typical acceptance is refused here (and, for runs, at validation) rather than silently mixed.
     """
 
-    def __init__(self, cfg: Settings):
+    def __init__(self, cfg: Settings, kernels: Optional[Kernels] = None):
         self.cfg = cfg
+        self.kernels = kernels
         self._greedy = (not cfg.do_sample) or cfg.temperature == 0
         self.penalty = float(cfg.repetition_penalty)
         # Values are bound now (partial), so later edits to cfg cannot make two users of one pipeline differ.
@@ -214,6 +226,13 @@ class LogitsPipeline:
             if cfg.eta_cutoff > 0.0:
                 warpers.append(("eta_cutoff", partial(apply_eta, epsilon=float(cfg.eta_cutoff))))
         self._warpers = warpers
+        if kernels is not None:
+            problem = kernel_problem(self)
+            if problem:
+                raise ValueError(f"kernels={kernels.name}: strategy.{problem[0]}: {problem[1]}")
+            # Disabled values (1, 0, 1, 0) switch a filter off inside the kernel exactly as above.
+            self._fused = dict(temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p),
+                               min_p=float(cfg.min_p))
 
     @property
     def greedy(self) -> bool:
@@ -233,6 +252,13 @@ class LogitsPipeline:
         (for verification rows use :class:`ChainContext`, or one tensor per row for trees). The result
         may share memory with ``logits`` when no step is active; it is never modified in place.
         """
+        x, squeeze = self._penalized(logits, context_ids)
+        for _, step in self._warpers:
+            x = step(x)
+        return x.squeeze(0) if squeeze else x
+
+    def _penalized(self, logits: torch.Tensor, context_ids: Context) -> Tuple[torch.Tensor, bool]:
+        """Float32 [rows, vocab] logits after the repetition penalty, and whether ``logits`` was 1-D."""
         if logits.dim() not in (1, 2):
             raise ValueError(f"logits must be [vocab] or [rows, vocab], got shape {tuple(logits.shape)}")
         x = logits.float()
@@ -242,9 +268,7 @@ class LogitsPipeline:
         if self.penalty != 1.0:
             seen = seen_mask(context_ids, x.size(0), x.size(1), x.device)
             x = apply_repetition_penalty(x, seen, self.penalty)
-        for _, step in self._warpers:
-            x = step(x)
-        return x.squeeze(0) if squeeze else x
+        return x, squeeze
 
     def probs(self, logits: torch.Tensor, context_ids: Context = None) -> torch.Tensor:
         """The distribution tokens are drawn from: softmax of :meth:`process`, one-hot argmax when greedy.
@@ -252,6 +276,8 @@ class LogitsPipeline:
         Verification compares these, so greedy returning a one-hot makes greedy exact-match a special
         case of speculative sampling.
         """
+        if self.kernels is not None and not self.greedy:
+            return self._fused_call(logits, context_ids)[0]
         x = self.process(logits, context_ids)
         if self.greedy:
             return torch.nn.functional.one_hot(x.argmax(dim=-1), x.size(-1)).to(torch.float32)
@@ -263,9 +289,42 @@ class LogitsPipeline:
         Uses ``torch.multinomial`` (as ``generate`` does) with the caller's generator so that a seed
         fixes the whole token sequence and no other code's use of the global RNG can shift it.
         """
+        if self.kernels is not None and not self.greedy:
+            return self._fused_call(logits, context_ids, generator)[1]
         x = self.process(logits, context_ids)
         if self.greedy:
             return x.argmax(dim=-1)
         probs = x.softmax(dim=-1)
         flat = probs.reshape(-1, probs.size(-1))
         return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+    def _fused_call(self, logits: torch.Tensor, context_ids: Context,
+                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The provider's fused filters after the torch penalty: (probs, tokens drawn with ``generator`` or None),
+        shaped like :meth:`probs` and :meth:`sample`. The noise is what ``torch.multinomial`` would draw."""
+        x, squeeze = self._penalized(logits, context_ids)
+        noise = None if generator is None else exponential_noise(x.shape, generator, x.device)
+        probs, tokens = self.kernels.warp(x, noise=noise, **self._fused)
+        if squeeze:
+            return probs[0], None if tokens is None else tokens[0]
+        return probs, tokens
+
+
+def kernel_problem(pipeline: LogitsPipeline) -> Optional[Tuple[str, str]]:
+    """(strategy field, reason) when a kernel provider cannot run ``pipeline``'s strategy exactly, else None."""
+    extra = [step for step in pipeline.steps if step not in KERNEL_STEPS]
+    if extra:
+        return extra[0], f"not fused by the kernels (they fuse {', '.join(KERNEL_STEPS[1:])})"
+    if not pipeline.greedy and pipeline.cfg.acceptance != "lossless":
+        return "acceptance", f"{pipeline.cfg.acceptance} has no kernel (they implement lossless rejection sampling)"
+    return None
+
+
+def exponential_noise(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise for the exponential race: ``argmax(probs / noise)`` over a row is a draw from it.
+
+    ``torch.multinomial(probs, 1, generator=g)`` is this very race (its one-sample path fills
+    ``empty_like(probs).exponential_(generator=g)`` and takes the argmax of the ratio), so noise of the same
+    numel from the same generator state gives the same token: kernels and the torch path draw alike.
+    """
+    return torch.empty(tuple(shape), dtype=torch.float32, device=device).exponential_(generator=generator)

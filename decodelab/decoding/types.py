@@ -1,10 +1,11 @@
-"""The records the decoding core passes around: a draft, a verdict, one step, one generation, and the
-interface the engine asks of a proposer (implemented by decodelab.drafters.base.Drafter)."""
+"""The records the decoding core passes around: a draft, a verdict, one step, one generation, the
+interface the engine asks of a proposer (implemented by decodelab.drafters.base.Drafter) and the one it
+asks of a kernel provider (implemented in decodelab.kernels.provider)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -96,3 +97,36 @@ class Proposer(Protocol):
     def observe(self, tokens: Sequence[int], logits: torch.Tensor) -> None: ...
 
     def update(self, drafted: int, accepted: int) -> None: ...
+
+
+class Kernels(Protocol):
+    """Device kernels the core hands its hot paths to: the fused sampling filters and the rejection samplers.
+
+    The core draws every random number itself, from the caller's generator and in the order its torch path
+    draws them (uniforms for the acceptance tests, Exp(1) noise for the one token drawn by the exponential
+    race ``argmax(probs / noise)``, which is what ``torch.multinomial(probs, 1)`` computes), and passes them
+    in: a provider changes where the arithmetic runs, never which tokens a seed gives. Batched shapes: B
+    rows, K draft tokens (N tree nodes), V vocabulary entries; ``noise`` is [B, V].
+    """
+
+    name: str
+
+    def warp(self, logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, min_p: float,
+             noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Probabilities [B, V] after temperature, top-k, top-p, min-p (disabled at 1, 0, 1, 0), and the
+        token [B] the race with ``noise`` picks (None without noise)."""
+        ...
+
+    def chain(self, draft_ids: torch.Tensor, target: torch.Tensor, draft_probs: Optional[torch.Tensor],
+              uniforms: Optional[torch.Tensor], noise: Optional[torch.Tensor], *,
+              greedy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Verify chains [B, K] against target rows [B, K + 1, V]: (tokens [B, K + 1] = the accepted ones, then
+        the recovered or bonus token, then -1; the number accepted [B])."""
+        ...
+
+    def tree(self, tokens: torch.Tensor, parents: torch.Tensor, target: torch.Tensor,
+             draft_probs: Optional[torch.Tensor], uniforms: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+             *, greedy: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Verify token trees [B, N] (parents as in decodelab.decoding.tree) against rows [B, N + 1, V]:
+        (accepted node indices [B, N], root first, then -1; the number accepted [B]; the token after them [B])."""
+        ...

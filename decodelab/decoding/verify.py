@@ -12,18 +12,24 @@ Rules, chosen by :func:`verify` from the pipeline:
   SpecInfer's multi-draft form for trees; the output follows the pipeline's distribution exactly.
 - ``acceptance=typical``: Medusa's typical acceptance; lossy, so the verdict says ``lossy=True``.
 
-Every random draw uses the caller's generator, so a seed fixes the output.
+Every random draw uses the caller's generator, so a seed fixes the output. When the pipeline has a kernel
+provider (``backend.kernels=triton``) the chain and tree rules run on it (:func:`kernel_chain`,
+:func:`kernel_tree`) with random numbers drawn here exactly as the torch rules draw them, so both give
+the same tokens for a seed (up to float rounding at near-ties).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from decodelab.decoding import tree
-from decodelab.decoding.logits import ChainContext, Context, LogitsPipeline
-from decodelab.decoding.types import Draft, Verdict
+from decodelab.decoding.logits import ChainContext, Context, LogitsPipeline, exponential_noise
+from decodelab.decoding.types import Draft, Kernels, Verdict
+
+# Draws one token from a distribution [vocab]: the generator's multinomial, or a kernel reference's race.
+Sampler = Callable[[torch.Tensor], int]
 
 
 def verify(draft: Draft, logits: torch.Tensor, pipeline: LogitsPipeline, generator: torch.Generator,
@@ -42,13 +48,18 @@ def verify_chain(draft: Draft, logits: torch.Tensor, pipeline: LogitsPipeline, g
                  context: Sequence[int]) -> Verdict:
     seen = chain_context(context, draft.tokens, logits.device) if pipeline.penalty != 1.0 else None
     if pipeline.greedy:
-        return verify_greedy(draft.tokens, pipeline.process(logits, seen).argmax(dim=-1).tolist())
+        scores = pipeline.process(logits, seen)
+        if pipeline.kernels is not None:
+            return kernel_chain(pipeline.kernels, draft.tokens, scores, None, None)
+        return verify_greedy(draft.tokens, scores.argmax(dim=-1).tolist())
     if len(draft) == 0:
         # Plain sampling: exactly what autoregressive decoding draws.
         return Verdict(accepted=[], bonus=int(pipeline.sample(logits[:1], generator, seen)[0]))
     p = pipeline.probs(logits, seen)
     if pipeline.cfg.acceptance == "typical":
         return typical_acceptance(draft.tokens, p, pipeline.cfg.typical_epsilon, pipeline.cfg.typical_delta)
+    if pipeline.kernels is not None:
+        return kernel_chain(pipeline.kernels, draft.tokens, p, draft_probs(draft, p), generator)
     return speculative_sampling(draft.tokens, p, draft_probs(draft, p), generator)
 
 
@@ -71,17 +82,24 @@ def speculative_sampling(tokens: Sequence[int], p: torch.Tensor, q: Optional[tor
     instead; if all k are accepted the bonus is drawn from p_k. One uniform per draft token is drawn
     up front, then one multinomial draw: the generator advances the same way whatever is accepted.
     """
+    u = torch.rand(len(tokens), generator=generator, device=p.device)
+    return chain_rejection(tokens, p, q, u, lambda dist: draw(dist, generator))
+
+
+def chain_rejection(tokens: Sequence[int], p: torch.Tensor, q: Optional[torch.Tensor], u: torch.Tensor,
+                    sample: Sampler) -> Verdict:
+    """:func:`speculative_sampling` given its uniforms ``u`` [k] and the sampler of the one token it draws
+    (the kernels' torch reference calls this with the race over given noise)."""
     k = len(tokens)
     ids = torch.tensor(list(tokens), dtype=torch.long, device=p.device)
     rows = torch.arange(k, device=p.device)
     p_x = p[rows, ids]
     q_x = q[rows, ids] if q is not None else torch.ones_like(p_x)
-    u = torch.rand(k, generator=generator, device=p.device)
     # u < p/q without dividing (q may be 0 for a token the draft could not have drawn; p = 0 never passes).
     passed = (u * q_x < p_x).tolist()
     n = passed.index(False) if False in passed else k
     dist = p[k] if n == k else residual(p[n], None if q is None else q[n], tokens[n])
-    return Verdict(accepted=list(tokens[:n]), bonus=draw(dist, generator), nodes=list(range(n)))
+    return Verdict(accepted=list(tokens[:n]), bonus=sample(dist), nodes=list(range(n)))
 
 
 def typical_acceptance(tokens: Sequence[int], p: torch.Tensor, epsilon: float, delta: float) -> Verdict:
@@ -111,10 +129,15 @@ def verify_tree(draft: Draft, logits: torch.Tensor, pipeline: LogitsPipeline, ge
         raise ValueError(f"a tree draft needs one parent per token: {len(draft)} tokens, {len(parents)} parents")
     seen = tree_context(context, draft.tokens, parents, logits.device) if pipeline.penalty != 1.0 else None
     if pipeline.greedy:
-        return tree_greedy(draft.tokens, parents, pipeline.process(logits, seen).argmax(dim=-1).tolist())
+        scores = pipeline.process(logits, seen)
+        if pipeline.kernels is not None:
+            return kernel_tree(pipeline.kernels, draft.tokens, parents, scores, None, None)
+        return tree_greedy(draft.tokens, parents, scores.argmax(dim=-1).tolist())
     p = pipeline.probs(logits, seen)
     if pipeline.cfg.acceptance == "typical":
         return tree_typical(draft.tokens, parents, p, pipeline.cfg.typical_epsilon, pipeline.cfg.typical_delta)
+    if pipeline.kernels is not None:
+        return kernel_tree(pipeline.kernels, draft.tokens, parents, p, draft_probs(draft, p), generator)
     return tree_speculative_sampling(draft.tokens, parents, p, draft_probs(draft, p), generator)
 
 
@@ -147,8 +170,15 @@ def tree_speculative_sampling(tokens: Sequence[int], parents: Sequence[int], p: 
     siblings and for siblings drawn independently from q. One uniform per node is drawn up front (a
     chain written as a tree advances the generator exactly like :func:`speculative_sampling`).
     """
+    u = torch.rand(len(tokens), generator=generator, device=p.device)
+    return tree_rejection(tokens, parents, p, q, u, lambda dist: draw(dist, generator))
+
+
+def tree_rejection(tokens: Sequence[int], parents: Sequence[int], p: torch.Tensor, q: Optional[torch.Tensor],
+                   u: torch.Tensor, sample: Sampler) -> Verdict:
+    """:func:`tree_speculative_sampling` given its uniforms ``u`` [n] and the sampler of the token it draws."""
     kids = tree.children(parents)
-    u = torch.rand(len(tokens), generator=generator, device=p.device).tolist()
+    u = u.tolist()
     node, path = tree.ROOT, []
     dist = p[0]
     while True:
@@ -159,7 +189,7 @@ def tree_speculative_sampling(tokens: Sequence[int], parents: Sequence[int], p: 
                 break
             dist = residual(dist, None if q is None else q[child], x)
         else:
-            return Verdict(accepted=[tokens[i] for i in path], bonus=draw(dist, generator), nodes=path)
+            return Verdict(accepted=[tokens[i] for i in path], bonus=sample(dist), nodes=path)
         path.append(child)
         node, dist = child, p[tree.row(child)]
 
@@ -172,6 +202,46 @@ def longest_accepted_path(parents: Sequence[int], passed: Sequence[bool]) -> Lis
     depth = tree.depths(parents)
     best = max((node for node in range(len(parents)) if ok[node]), key=lambda node: depth[node], default=None)
     return [] if best is None else tree.path_to(parents, best)
+
+
+# --------------------------------------------------------------------------------------------------
+# On a kernel provider (batch of one)
+# --------------------------------------------------------------------------------------------------
+
+def kernel_chain(kernels: Kernels, tokens: Sequence[int], target: torch.Tensor, q: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator]) -> Verdict:
+    """The chain rule on ``kernels``: greedy (argmax match on ``target`` scores) when ``generator`` is None,
+    else speculative sampling on probabilities, with the uniforms and then the noise drawn as
+    :func:`speculative_sampling` draws them."""
+    device, k = target.device, len(tokens)
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    u, noise = _kernel_randoms(generator, k, target.size(-1), device)
+    out, accepted = kernels.chain(ids, target[None], None if q is None else q[None], u, noise,
+                                  greedy=generator is None)
+    n, *emitted = torch.cat([accepted[:1], out[0]]).tolist()  # one device-to-host copy
+    return Verdict(accepted=emitted[:n], bonus=emitted[n], nodes=list(range(n)))
+
+
+def kernel_tree(kernels: Kernels, tokens: Sequence[int], parents: Sequence[int], target: torch.Tensor,
+                q: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> Verdict:
+    """The tree rule on ``kernels`` (greedy when ``generator`` is None), drawing as :func:`tree_speculative_sampling`."""
+    device = target.device
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    par = torch.tensor([list(parents)], dtype=torch.long, device=device)
+    u, noise = _kernel_randoms(generator, len(tokens), target.size(-1), device)
+    nodes, accepted, bonus = kernels.tree(ids, par, target[None], None if q is None else q[None], u, noise,
+                                          greedy=generator is None)
+    n, after, *path = torch.cat([accepted[:1], bonus[:1], nodes[0]]).tolist()  # one device-to-host copy
+    return Verdict(accepted=[tokens[i] for i in path[:n]], bonus=after, nodes=path[:n])
+
+
+def _kernel_randoms(generator: Optional[torch.Generator], k: int, vocab: int,
+                    device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(uniforms [1, k], noise [1, vocab]) in the torch rules' order, or (None, None) for greedy."""
+    if generator is None:
+        return None, None
+    u = torch.rand(1, k, generator=generator, device=device)
+    return u, exponential_noise((1, vocab), generator, device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def validate(cfg: DictConfig) -> None:
     from decodelab.models.loading import check_model_available, resolve_device
     from decodelab.drafters.registry import drafter_config
     from decodelab.experiment.quality import code_execution
+    from decodelab.kernels.provider import check_kernels
     from decodelab.tasks import load_task
 
     parts = {}
@@ -111,6 +112,7 @@ def validate(cfg: DictConfig) -> None:
     apply_draft_length(run)
     run.validate()
     resolve_device(run.backend)
+    check_kernels(run.backend, run.strategy)
     check_model_available(run.model)
     code_execution(run.task, load_task(run.task), announce=False)
 

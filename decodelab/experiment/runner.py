@@ -24,6 +24,7 @@ from decodelab.experiment.baseline import BaselineCache, Baseline, divergence
 from decodelab.experiment.compose import to_run_config
 from decodelab.experiment.metrics import list_metrics, sample_timing, summarize
 from decodelab.experiment.plots import acceptance_plots
+from decodelab.kernels.provider import build_kernels
 from decodelab.models.loading import LoadedModel, load_model, resolve_device
 from decodelab.tasks import load_task
 from decodelab.tasks.base import Prompt
@@ -61,7 +62,7 @@ class PromptRunner:
         self.target.reserve(RESERVED_SLOTS)
         # Compile time (backend.compile) is paid here, before any prompt is timed, and reported apart.
         self.compile_s = self.target.warmup((1,) if run.drafter.name == "none" else BUCKETS)
-        self.pipeline = LogitsPipeline(run.strategy)
+        self.pipeline = LogitsPipeline(run.strategy, kernels=build_kernels(run.backend, run.strategy))
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
                                      backend=run.backend)
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
