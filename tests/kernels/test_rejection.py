@@ -58,9 +58,15 @@ CHAINS = [
 ]
 
 
+def _case_id(size: str, case) -> str:
+    """B<batch>-<size><draft tokens or nodes>-V<vocab>-q|onehot[-ragged][-tile<rows,block>]."""
+    batch, count, vocab, with_q, ragged, tile = case
+    return (f"B{batch}-{size}{count}-V{vocab}-{'q' if with_q else 'onehot'}{'-ragged' if ragged else ''}"
+            f"{f'-tile{tile}' if tile else ''}")
+
+
 @pytest.mark.parametrize("greedy", [False, True], ids=["stochastic", "greedy"])
-@pytest.mark.parametrize("case", CHAINS, ids=lambda c: "B{}-K{}-V{}-{}{}{}".format(
-    c[0], c[1], c[2], "q" if c[3] else "onehot", "-ragged" if c[4] else "", f"-tile{c[5]}" if c[5] else ""))
+@pytest.mark.parametrize("case", CHAINS, ids=lambda c: _case_id("K", c))
 def test_chain_kernel_matches_reference(device, case, greedy):
     batch, k, vocab, with_q, ragged, tile = case
     for seed in range(2):
@@ -101,8 +107,7 @@ TREES = [
 
 
 @pytest.mark.parametrize("greedy", [False, True], ids=["stochastic", "greedy"])
-@pytest.mark.parametrize("case", TREES, ids=lambda c: "B{}-N{}-V{}-{}{}{}".format(
-    c[0], c[1], c[2], "q" if c[3] else "onehot", "-ragged" if c[4] else "", f"-tile{c[5]}" if c[5] else ""))
+@pytest.mark.parametrize("case", TREES, ids=lambda c: _case_id("N", c))
 def test_tree_kernel_matches_reference(device, case, greedy):
     batch, nodes, vocab, with_q, ragged, tile = case
     for seed in range(2):
