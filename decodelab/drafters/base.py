@@ -35,3 +35,8 @@ class Drafter:
 
     def update(self, drafted: int, accepted: int) -> None:
         """Feedback after verification, for adaptive drafters."""
+
+    def prepare(self, slots: int) -> float:
+        """Before anything is timed: room for ``slots`` cached tokens in the drafter's own model, and (first call,
+        ``backend.compile``) its compiled steps; returns the seconds compiling took. Model-free drafters: 0."""
+        return 0.0

@@ -50,6 +50,7 @@ import torch
 
 from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter, common_prefix
+from decodelab.decoding.static import BUCKETS
 from decodelab.config import BackendConfig, DrafterConfig, ModelConfig, StrategyConfig
 from decodelab.drafters.length import DraftLengthConfig, LengthController, build_controller
 from decodelab.decoding.types import Draft
@@ -161,6 +162,14 @@ class ChainDrafter(Drafter):
 
     def update(self, drafted: int, accepted: int) -> None:
         self.controller.update(drafted, accepted)
+
+    def prepare(self, slots: int) -> float:
+        """Reserve the draft cache like the target's; compile (once) every bucket a draft or a catch-up after a
+        verification runs, so no compile lands inside a timed step."""
+        seconds = self.lm.reserve(slots)
+        if not self.lm.warm_sizes:
+            seconds += self.lm.warmup(BUCKETS)
+        return seconds
 
     def _catch_up(self, context: Sequence[int]) -> torch.Tensor:
         """Crop the cache to its common prefix with ``context``, run the rest; logits after the context."""
@@ -280,7 +289,7 @@ class DraftModelDrafter(ChainDrafter):
         self.vocab = output_vocab(loaded.model)
         seed = pipeline.cfg.seed if pipeline.cfg.seed is not None else backend.seed
         self._init_common(cfg, pipeline, seed, self.draft.model.device)
-        self.lm = LMAdapter(self.draft.model, cache=backend.kv_cache)
+        self.lm = LMAdapter(self.draft.model, cache=backend.kv_cache, compile=backend.compile)
         if cfg.retokenize:
             if not pipeline.greedy:
                 raise ConfigError("drafter.retokenize", "drafting through text (retokenize=true) is lossless for greedy "

@@ -65,6 +65,7 @@ class PromptRunner:
         self.pipeline = LogitsPipeline(run.strategy, kernels=build_kernels(run.backend, run.strategy))
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
                                      backend=run.backend)
+        self.compile_s += self.drafter.prepare(RESERVED_SLOTS)  # a draft model's cache and compiled steps
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
         self.baseline = self._baseline_cache() if run.drafter.name != "none" and run.baseline != "none" else None
@@ -117,7 +118,8 @@ class PromptRunner:
             messages.append({"role": "user", "content": turn})
             input_ids = self.encode(messages)
             prompt_tokens.append(list(input_ids))
-            self.compile_s += self.target.reserve(len(input_ids) + self.run.task.max_new_tokens + RESERVE_SLACK)
+            slots = len(input_ids) + self.run.task.max_new_tokens + RESERVE_SLACK
+            self.compile_s += self.target.reserve(slots) + self.drafter.prepare(slots)
             seed = self.seed_for(prompt, turn_index)
             if self.baseline is not None:
                 baselines.append(self.baseline.get(input_ids, seed))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decodelab.decoding.lm import LMAdapter
-from decodelab.config import DrafterConfig, StrategyConfig
+from decodelab.config import BackendConfig, DrafterConfig, StrategyConfig
 from decodelab.drafters.registry import build_drafter, drafter_config
 from decodelab.drafters.none import NoDrafter
 from decodelab.errors import ConfigError, UserError
@@ -299,6 +299,20 @@ def test_layer_skip_config_errors(target):
         make_drafter(target, {"name": "layer_skip", "skip_layers": [0, 1, 2, 3]})
     with pytest.raises(ConfigError, match="drafter.skip_layers: set either"):
         drafter_config({"name": "layer_skip", "exit_layer": 2, "skip_layers": [1]}).validate("drafter")
+
+
+@pytest.mark.parametrize("node", [draft_model_node(), {"name": "layer_skip", "exit_layer": 2}],
+                         ids=["draft_model", "layer_skip"])
+def test_model_drafters_reserve_their_cache_and_follow_backend_compile(target, node):
+    """The runner prepares a drafter's own model like the target: room before timing (no growth, hence no
+    recompile, inside a step), and backend.compile reaches its adapter."""
+    drafter = make_drafter(target, node, backend=BackendConfig(compile=False))
+    assert drafter.lm.static is not None and not drafter.lm.compiled
+    assert drafter.lm.static.capacity < 3000
+    assert drafter.prepare(3000) == 0.0  # nothing compiled
+    assert drafter.lm.static.capacity >= 3000
+    assert make_drafter(target, node, backend=BackendConfig(compile=True)).lm.compiled
+    assert make_drafter(target, {"name": "none"}).prepare(3000) == 0.0  # model-free
 
 
 def test_layer_skip_refuses_other_architectures():

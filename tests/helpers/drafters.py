@@ -38,11 +38,11 @@ def ar_tokens(loaded, ids, max_new_tokens=40):
     return decode_with(loaded, ids, NoDrafter(DrafterConfig()), max_new_tokens).tokens
 
 
-def make_drafter(loaded, node, pipeline=GREEDY, **parts):
+def make_drafter(loaded, node, pipeline=GREEDY, backend=None, **parts):
     cfg = drafter_config(node)
     cfg.validate("drafter")
     return build_drafter(cfg, target=LMAdapter(loaded.model), loaded=loaded, pipeline=pipeline,
-                         backend=BackendConfig(), **parts)
+                         backend=backend or BackendConfig(), **parts)
 
 
 def draft_model_node(draft_fields=None, **fields):
