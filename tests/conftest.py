@@ -7,6 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET once, when it is imported, and torch imports it with torch._dynamo (which
+# transformers pulls in while test modules are collected). So the kernel tests' choice, Triton's interpreter
+# unless a CUDA device will compile them, is made here, before any test module imports anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # absl (pulled in by rouge-score) binds its log handler to whatever sys.stderr is when it is imported, and
 # closes that stream when logging is reconfigured (Hydra's job logging does so) unless it is the current

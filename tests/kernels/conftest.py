@@ -1,6 +1,6 @@
 """Kernel tests run in Triton's interpreter on CPU tensors, or compiled on a CUDA device when there is one and
-TRITON_INTERPRET is not set. Decided here, before any test module imports a kernel: a ``@triton.jit`` function
-reads TRITON_INTERPRET when it is defined. (The variable then stays set for the rest of the session.)"""
+TRITON_INTERPRET is not set. The variable itself is set by tests/conftest.py, before anything imports Triton
+(which reads it once, at import); here is only the device the tests put their tensors on."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
