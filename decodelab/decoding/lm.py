@@ -60,11 +60,6 @@ class LMAdapter:
         """The cache in use: static or dynamic."""
         return "static" if self.static is not None else "dynamic"
 
-    @property
-    def warm_sizes(self) -> tuple:
-        """The token counts :meth:`warmup` compiled (empty: none, or nothing is compiled)."""
-        return self._warm_sizes
-
     def reserve(self, length: int) -> float:
         """Room for ``length`` tokens before timing starts (the static cache grows by copying otherwise). A
         compiled step is specialised to the capacity, so growing it compiles the warm sizes again, here; returns

@@ -164,12 +164,9 @@ class ChainDrafter(Drafter):
         self.controller.update(drafted, accepted)
 
     def prepare(self, slots: int) -> float:
-        """Reserve the draft cache like the target's; compile (once) every bucket a draft or a catch-up after a
-        verification runs, so no compile lands inside a timed step."""
-        seconds = self.lm.reserve(slots)
-        if not self.lm.warm_sizes:
-            seconds += self.lm.warmup(BUCKETS)
-        return seconds
+        """Reserve the draft cache like the target's and compile every bucket a draft or a catch-up after a
+        verification runs (warm buckets are skipped), so no compile lands inside a timed step."""
+        return self.lm.reserve(slots) + self.lm.warmup(BUCKETS)
 
     def _catch_up(self, context: Sequence[int]) -> torch.Tensor:
         """Crop the cache to its common prefix with ``context``, run the rest; logits after the context."""

@@ -55,15 +55,14 @@ def umount(target: str) -> None:
         raise SetupError(f"umount {target}: {os.strerror(ctypes.get_errno())}")
 
 
-def mounts() -> List[Tuple[str, List[str], str]]:
-    """(mount point, per-mount options, fs type) from /proc/self/mountinfo, in mount order."""
+def mounts() -> List[Tuple[str, List[str]]]:
+    """(mount point, per-mount options) from /proc/self/mountinfo, in mount order."""
     found = []
     with open("/proc/self/mountinfo", encoding="utf-8") as lines:
         for line in lines:
             fields = line.split()
-            fstype = fields[fields.index("-") + 1]
             point = fields[4].encode().decode("unicode_escape")  # octal escapes (\040 for a space)
-            found.append((point, fields[5].split(","), fstype))
+            found.append((point, fields[5].split(",")))
     return found
 
 
@@ -90,7 +89,7 @@ def hide(covered: List[str], keep: List[str]) -> None:
 
 def freeze(writable: str) -> None:
     """Remount every mount but ``writable`` read-only and nosuid; refuse if any reachable one stays writable."""
-    for point, options, _ in mounts():
+    for point, options in mounts():
         if point == writable:
             continue
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
@@ -99,7 +98,7 @@ def freeze(writable: str) -> None:
             mount("none", point, "", flags)
         except SetupError:
             pass  # checked below: only a mount that is hidden (under a covered home) may fail
-    top = {point: options for point, options, _ in mounts()}  # the last mount on a point is the one paths reach
+    top = {point: options for point, options in mounts()}  # the last mount on a point is the one paths reach
     left = [point for point, options in top.items()
             if point != writable and "rw" in options and os.path.lexists(point)]
     if left:
