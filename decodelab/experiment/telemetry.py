@@ -96,6 +96,38 @@ def cost_model(stats: Dict[str, object], draft_forwards: int, ar_step_s: Optiona
     return out
 
 
+def curve_cost(curve: Dict[int, float], tokens: float) -> float:
+    """A forward over ``tokens`` tokens, in one-token forwards: ``curve`` (token count -> cost ratio, measured
+    apart, e.g. by benchmarks/verify_latency.py) interpolated linearly, extrapolated past its last point."""
+    points = sorted((int(n), float(c)) for n, c in curve.items())
+    if not points:
+        raise ValueError("empty latency curve")
+    if len(points) == 1 or tokens <= points[0][0]:
+        return points[0][1]
+    for (n0, c0), (n1, c1) in zip(points, points[1:]):
+        if tokens <= n1:
+            return c0 + (c1 - c0) * (tokens - n0) / (n1 - n0)
+    (n0, c0), (n1, c1) = points[-2], points[-1]
+    return c1 + (c1 - c0) * (tokens - n1) / (n1 - n0)
+
+
+def curve_predicted_speedup(steps: Iterable[Step], curve: Dict[int, float], forward_s: float) -> Optional[float]:
+    """Predicted speedup over AR from the recorded acceptance and a forward-latency curve measured apart.
+
+    Unlike :func:`predicted_speedup` it assumes no acceptance model: the tokens each step yielded are the run's
+    own (the empirical accepted-length distribution, which keeps the bursts of n-gram drafts that an i.i.d.
+    alpha smooths away). Each step costs its recorded draft time over ``forward_s`` (one one-token forward,
+    from the same curve measurement) plus the curve's cost of verifying its drafted tokens and the root; an AR
+    step costs one one-token forward. None without steps.
+    """
+    steps = [as_step(s) for s in steps]
+    if not steps:
+        return None
+    tokens = sum(s.accepted + s.bonus for s in steps)
+    cost = sum(s.draft_s / forward_s + curve_cost(curve, s.drafted + 1) for s in steps)
+    return tokens / cost
+
+
 def flat_metrics(stats: Dict[str, object]) -> Dict[str, float]:
     """The scalar entries (what MLflow takes as metrics), with per-position rates as pos_<i>."""
     out = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}

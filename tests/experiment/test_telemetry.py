@@ -17,7 +17,8 @@ from decodelab.drafters.registry import REGISTRY
 from decodelab.decoding.types import Draft
 from decodelab.drafters.base import Drafter
 from decodelab.experiment.runner import run
-from decodelab.experiment.telemetry import acceptance_stats, cost_model, expected_tokens_per_step, predicted_speedup
+from decodelab.experiment.telemetry import (acceptance_stats, cost_model, curve_cost, curve_predicted_speedup,
+                                          expected_tokens_per_step, predicted_speedup)
 
 
 def test_acceptance_stats_by_hand():
@@ -129,3 +130,26 @@ def test_plain_ar_run_has_no_speculative_metrics(tmp_path):
     summary = run(compose(["model=tiny-random", "tracking=none", "task.limit=2", "task.max_new_tokens=6"]),
                   output_dir=str(tmp_path / "ar"))
     assert "acceptance_rate" not in summary and "speedup" not in summary
+
+
+def test_curve_cost_interpolates_and_extrapolates():
+    curve = {1: 1.0, 2: 1.5, 4: 1.6, 8: 2.0}
+    assert curve_cost(curve, 1) == 1.0 and curve_cost(curve, 0) == 1.0
+    assert curve_cost(curve, 3) == pytest.approx(1.55)
+    assert curve_cost(curve, 6) == pytest.approx(1.8)
+    assert curve_cost(curve, 12) == pytest.approx(2.4)  # the last segment's slope, 0.1 per token
+    assert curve_cost({"1": 1.0, "16": 2.5}, 16) == pytest.approx(2.5)  # keys read back from JSON are strings
+
+
+def test_curve_prediction_uses_the_recorded_tokens_not_an_iid_alpha():
+    """Bursty acceptance: half the steps accept the whole 4-token draft, half accept nothing (alpha 0.5).
+    The i.i.d. formula expects 1.94 tokens per step; the run yielded 3."""
+    steps = [[4, 4, 1, 0.01, 0.2, 4], [4, 0, 1, 0.01, 0.2, 4]] * 5
+    curve = {1: 1.0, 5: 1.5}
+    forward_s = 0.1
+    cost_per_step = 0.01 / forward_s + 1.5
+    assert curve_predicted_speedup(steps, curve, forward_s) == pytest.approx(3 / cost_per_step)
+    iid = predicted_speedup(0.5, 4, 0.1, 1.5)
+    assert iid == pytest.approx(expected_tokens_per_step(0.5, 4) / cost_per_step)
+    assert iid < 3 / cost_per_step
+    assert curve_predicted_speedup([], curve, forward_s) is None
