@@ -50,6 +50,35 @@ def check_keys(node: Any, schema: type, prefix: str = "", owner: str = "") -> No
         check_keys(value, nested, full, owner)
 
 
+def typed_block(node: Any, schemas: Dict[str, type], group: str) -> Any:
+    """Type an untyped ``group`` node (a drafter, a strategy) by its ``name``: the schema ``schemas[name]``
+    merged with the node. An unknown name, an unknown key or a wrong type fails here, in one line."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from decodelab.errors import UserError, one_line
+
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return node
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
+    schema = block_schema(OmegaConf.to_container(node, resolve=False), schemas, group)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{group}." + one_line(err)) from None
+
+
+def block_schema(node: Dict[str, Any], schemas: Dict[str, type], group: str) -> type:
+    """The schema of the ``group`` block a plain node names, after checking the node's keys against it."""
+    name = node.get("name", None)
+    if name not in schemas:
+        raise ConfigError(f"{group}.name", f"unknown {group} {name!r}, available: {', '.join(schemas)}")
+    schema = schemas[name]
+    check_keys(node, schema, group, f" for {group}={name}")
+    return schema
+
+
 def group_of(schema: str) -> Optional[str]:
     """The config group whose options are ``schema`` blocks (``ModelConfig`` -> ``model``), else None."""
     return next((f.name for f in dataclasses.fields(RunConfig)
@@ -155,7 +184,10 @@ class BackendConfig:
 
 @dataclass
 class StrategyConfig:
-    """How tokens are chosen: the logits pipeline shared by sampling and verification."""
+    """How tokens are chosen: the logits pipeline shared by sampling and verification. The sampling family
+    (greedy, sample, top_p, min_p) is this schema; every other strategy subclasses it with its own fields
+    (decodelab/strategies/<module>.py), and the run config holds the strategy untyped until
+    ``strategies.registry.strategy_config`` types it by ``name``."""
 
     name: str = "greedy"
     do_sample: bool = False
@@ -275,7 +307,8 @@ class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     # Typed by drafters.drafter_config from its ``name`` (each drafter has its own schema).
     drafter: Any = field(default_factory=lambda: {"name": "none"})
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # Typed by strategies.strategy_config from its ``name`` (each strategy has its own schema).
+    strategy: Any = field(default_factory=lambda: {"name": "greedy"})
     task: TaskConfig = field(default_factory=TaskConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: str = "default"

@@ -26,7 +26,7 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
            stop: StopCriteria, generator: torch.Generator) -> Generation:
     """Decode one prompt; times are wall-clock with the device synchronised."""
     prompt = list(prompt_ids)
-    forwards_before = target.forwards
+    forwards_before, aux_before = target.forwards, target.aux_forwards
     synchronize(target.device)
     start = time.perf_counter()
     logits = target.prefill(prompt)
@@ -62,7 +62,8 @@ def decode(target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipe
     del tokens[keep:]
     wall = time.perf_counter() - start
     return Generation(tokens=tokens, stop_reason=reason, ttft_s=ttft, wall_s=wall, steps=steps,
-                      target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards, lossy=lossy)
+                      target_forwards=target.forwards - forwards_before, draft_forwards=draft_forwards,
+                      aux_forwards=target.aux_forwards - aux_before, lossy=lossy)
 
 
 def draft_depth(draft: Draft) -> int:

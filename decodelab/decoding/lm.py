@@ -36,11 +36,14 @@ class LMAdapter:
     with the target's own weights (drafter=layer_skip). ``cache``: one of CACHES (see the module docstring)."""
 
     def __init__(self, model: PreTrainedModel, layers: Optional[Sequence[int]] = None, cache: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, hidden_states: bool = False):
         check(cache in CACHES, "backend.kv_cache", f"got {cache!r}, allowed: {', '.join(CACHES)}")
         reason = unsupported(model)
         check(cache != "static" or reason is None, "backend.kv_cache",
               f"no static KV cache for {reason}; use backend.kv_cache=dynamic (or auto)")
+        check(not hidden_states or (reason is None and cache != "dynamic"), "backend.kv_cache",
+              f"hidden states are read from the static forward, which this run cannot use "
+              f"({reason or 'backend.kv_cache=dynamic'}); use a llama/qwen2-family model with backend.kv_cache=auto")
         self.model = model
         self.layers = list(layers) if layers is not None else None
         self.device = next(model.parameters()).device
@@ -49,6 +52,8 @@ class LMAdapter:
         # The dynamic path compiles transformers' own forward (shapes vary: dynamic).
         self._model_call = torch.compile(model, dynamic=True) if compile and self.static is None else model
         self.compiled = compile
+        if self.static is not None:
+            self.static.capture = hidden_states
         self._warm_sizes: tuple = ()
         self.cache = DynamicCache(config=model.config)
         # Token ids whose keys/values the cache holds, in order.
@@ -79,6 +84,17 @@ class LMAdapter:
         self.static.warmup(sizes)
         synchronize(self.device)
         return time.perf_counter() - start
+
+    @property
+    def aux_forwards(self) -> int:
+        """Forwards of a second model or pass behind the same scores (a contrast scorer's); none here."""
+        return 0
+
+    @property
+    def hidden_states(self) -> List[torch.Tensor]:
+        """The residual stream of the last forward (``hidden_states=True``): the embeddings, then each layer's
+        output, each [rows, hidden] (before the final norm)."""
+        return self.static.hidden if self.static is not None else []
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)

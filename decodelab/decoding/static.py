@@ -82,6 +82,10 @@ class StaticForward:
         weight = self.base.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.length = 0
+        # capture: keep the residual stream of the last eager run (embeddings, then every layer's output, each
+        # [T, hidden]) in ``hidden``, for strategies that read layers (DoLa) or hidden states (contrastive search).
+        self.capture = False
+        self.hidden: List[torch.Tensor] = []
         self.warm: set = set()  # buckets compiled for the current capacity
         self.keys = self.values = torch.empty(0)
         self.cos = self.sin = torch.empty(0)
@@ -139,7 +143,7 @@ class StaticForward:
         bucket = next((b for b in BUCKETS if b >= count), None)
         # Room first: growing the cache drops the warm graphs, so whether this step is compiled is decided after.
         self.reserve(start + (bucket if self.warm and bucket is not None else count))
-        compiled = self._compiled is not None and bucket in self.warm
+        compiled = self._compiled is not None and bucket in self.warm and not self.capture
         positions = position_ids[0] if position_ids is not None else torch.arange(start, start + count,
                                                                                    device=self.device)
         mask = attention_mask
@@ -189,9 +193,14 @@ class StaticForward:
         """Tokens ``input_ids [1, T]`` written at ``slots`` with rotary ``positions``, attending to the first
         ``span`` slots under the additive ``mask [1, 1, T, span]``; logits ``[1, T, vocab]``."""
         hidden = self.base.embed_tokens(input_ids)
+        stream = [hidden[0]] if self.capture else None
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
         for slot, index in enumerate(self.layer_ids):
             hidden = self._layer(self.base.layers[index], slot, hidden, cos, sin, mask, slots, span)
+            if stream is not None:
+                stream.append(hidden[0])
+        if stream is not None:
+            self.hidden = stream
         return self.model.lm_head(self.base.norm(hidden))
 
     def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -82,6 +82,8 @@ class Generation:
     steps: List[StepRecord] = field(default_factory=list)
     target_forwards: int = 0
     draft_forwards: int = 0
+    # Forwards of a second model or pass the strategy contrasts with (an amateur, the context-free prompt).
+    aux_forwards: int = 0
     # True when any step used a lossy acceptance rule (typical acceptance): the output does not follow
     # the target distribution, and every record of this generation must say so.
     lossy: bool = False

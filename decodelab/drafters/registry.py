@@ -8,13 +8,9 @@ import importlib
 import pkgutil
 from typing import Any, Dict, List, Type
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 import decodelab.drafters as drafters_package
-from decodelab.config import DrafterConfig, check_keys
+from decodelab.config import DrafterConfig, block_schema, typed_block
 from decodelab.drafters.base import Drafter
-from decodelab.errors import ConfigError, UserError, one_line
 
 REGISTRY: Dict[str, Type[Drafter]] = {}
 
@@ -39,26 +35,16 @@ discover()
 
 def drafter_config(node: Any) -> DrafterConfig:
     """Type an untyped drafter node by its name: unknown keys and wrong types fail here, in one line."""
-    if isinstance(node, DrafterConfig):
-        return node
-    node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
-    schema = check_drafter_keys(OmegaConf.to_container(node, resolve=False))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        typed: DrafterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise UserError("drafter." + one_line(err)) from None
-    return typed
+    return typed_block(node, schemas(), "drafter")
 
 
 def check_drafter_keys(node: Dict[str, Any]) -> type:
     """The schema of the drafter a plain node names, after checking the node's keys against it."""
-    name = node.get("name", None)
-    if name not in REGISTRY:
-        raise ConfigError("drafter.name", f"unknown drafter {name!r}, available: {', '.join(REGISTRY)}")
-    schema = REGISTRY[name].config_class
-    check_keys(node, schema, "drafter", f" for drafter={name}")
-    return schema
+    return block_schema(node, schemas(), "drafter")
+
+
+def schemas() -> Dict[str, type]:
+    return {name: cls.config_class for name, cls in REGISTRY.items()}
 
 
 def draft_length_drafters() -> List[str]:

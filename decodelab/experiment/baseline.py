@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,7 +35,9 @@ class Baseline:
 
 class BaselineCache:
     def __init__(self, target: LMAdapter, pipeline: LogitsPipeline, stop: StopCriteria, cache_dir: str,
-                 key_parts: Dict[str, object], use_cache: bool = True):
+                 key_parts: Dict[str, object], use_cache: bool = True, generate: Callable = decode):
+        # ``generate``: the run's strategy without its drafter (an MBR baseline draws all its samples).
+        self.generate = generate
         self.target = target
         self.pipeline = pipeline
         self.stop = stop
@@ -60,8 +62,8 @@ class BaselineCache:
         key = hashlib.sha256(json.dumps([list(prompt_ids), seed]).encode()).hexdigest()
         if key not in self.entries:
             self.target.reset()
-            generation = decode(self.target, prompt_ids, pipeline=self.pipeline, drafter=self.drafter,
-                                stop=self.stop, generator=_generator(self.target.device, seed))
+            generation = self.generate(self.target, prompt_ids, pipeline=self.pipeline, drafter=self.drafter,
+                                       stop=self.stop, generator=_generator(self.target.device, seed))
             baseline = Baseline(generation.tokens, generation.wall_s, generation.ttft_s)
             self.entries[key] = baseline
             if not self.use_cache:

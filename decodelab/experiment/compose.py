@@ -68,13 +68,17 @@ def check_run_keys(cfg: DictConfig) -> None:
     typed config would drop without a word)."""
     from decodelab.config import check_keys
     from decodelab.drafters.registry import check_drafter_keys
+    from decodelab.strategies.registry import check_strategy_keys
 
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)  # type: ignore[union-attr]
     drafter = plain.pop("drafter", None)  # type: ignore[union-attr]
+    strategy = plain.pop("strategy", None)  # type: ignore[union-attr]
     check_keys(plain, RunConfig)
     if isinstance(drafter, dict):
         check_drafter_keys(drafter)
+    if isinstance(strategy, dict):
+        check_strategy_keys(strategy)
 
 
 def _group_hint(message: str) -> str:
@@ -96,6 +100,8 @@ def validate(cfg: DictConfig) -> None:
     from decodelab.models.loading import check_model_available, resolve_device
     from decodelab.drafters.registry import drafter_config
     from decodelab.experiment.quality import code_execution
+    from decodelab.strategies.registry import REGISTRY as STRATEGIES
+    from decodelab.strategies.registry import check_pairing, strategy_config
     from decodelab.kernels.provider import check_kernels
     from decodelab.tasks import load_task
 
@@ -107,14 +113,20 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(one_line(err, allowed_keys)) from None
         if group == "drafter":
             parts[group] = drafter_config(parts[group])
+        if group == "strategy":
+            parts[group] = strategy_config(parts[group])
         parts[group].validate(group)
     run = RunConfig(**parts, baseline=cfg.get("baseline", "cached"), draft_length=cfg.get("draft_length", None))
     apply_draft_length(run)
     run.validate()
+    check_pairing(run.strategy, run.drafter.name, run.backend)
     resolve_device(run.backend)
     check_kernels(run.backend, run.strategy)
-    check_model_available(run.model)
-    code_execution(run.task, load_task(run.task), announce=False)
+    for model in [run.model] + STRATEGIES[run.strategy.name].models(run.strategy):
+        check_model_available(model)
+    prompts = load_task(run.task)
+    STRATEGIES[run.strategy.name].check_prompts(run.strategy, prompts)
+    code_execution(run.task, prompts, announce=False)
 
 
 def validate_overrides(overrides: Sequence[str], multirun: bool) -> None:
@@ -211,22 +223,26 @@ SCHEMA_GROUP = "schema"
 
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore: the run schema (first in conf/config.yaml's defaults, it types
-    model, backend, strategy, task and tracking) and one ``schema/drafter/<name>`` node per registered drafter.
-    A conf/drafter YAML extends its node (``defaults: [/schema/drafter/<name>@_here_, _self_]``), so every YAML
+    model, backend, task and tracking), one ``schema/drafter/<name>`` node per registered drafter and one
+    ``schema/strategy/<name>`` node per strategy name. A conf/drafter or conf/strategy YAML extends its node (``defaults: [/schema/drafter/<name>@_here_, _self_]``), so every YAML
     holds only what differs from its dataclass defaults, and a mistyped key fails at composition."""
     from hydra.core.config_store import ConfigStore
 
     from decodelab.drafters.registry import REGISTRY
+    from decodelab.strategies.registry import REGISTRY as STRATEGIES
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for name, drafter in REGISTRY.items():
         store.store(group=f"{SCHEMA_GROUP}/drafter", name=name, node=drafter.config_class)
+    for name, strategy in STRATEGIES.items():
+        store.store(group=f"{SCHEMA_GROUP}/strategy", name=name, node=strategy.config_class(name=name))
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve, type and validate a composed config; raises UserError on bad values."""
     from decodelab.drafters.registry import drafter_config
+    from decodelab.strategies.registry import check_pairing, strategy_config
 
     check_run_keys(cfg)
     try:
@@ -234,8 +250,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as err:
         raise UserError(one_line(err, allowed_keys)) from None
     run.drafter = drafter_config(run.drafter)
+    run.strategy = strategy_config(run.strategy)
     apply_draft_length(run)
     run.validate()
+    check_pairing(run.strategy, run.drafter.name, run.backend)
     return run
 
 

@@ -30,6 +30,7 @@ def sample_timing(turns: Sequence[Generation]) -> Dict[str, float]:
         "tok_s": new_tokens / wall if wall > 0 else 0.0,
         "target_forwards": sum(g.target_forwards for g in turns),
         "draft_forwards": sum(g.draft_forwards for g in turns),
+        "aux_forwards": sum(g.aux_forwards for g in turns),
     }
 
 
@@ -62,7 +63,12 @@ def _aggregate(samples: List[dict]) -> Dict[str, float]:
         "wall_s": wall,
         "peak_mem_mb": max(s["peak_mem_mb"] for s in samples),
         "target_forwards": sum(s["target_forwards"] for s in samples),
+        # Cost beside speed: forwards of the target (and of a contrast's second model or pass) per new token.
+        "target_forwards_per_token": sum(s["target_forwards"] for s in samples) / max(new_tokens, 1),
     }
+    aux = sum(s.get("aux_forwards", 0) for s in samples)
+    if aux:
+        out["aux_forwards_per_token"] = aux / max(new_tokens, 1)
     quality: Dict[str, List[float]] = defaultdict(list)
     for s in samples:
         for key, value in s.get("quality", {}).items():

@@ -9,13 +9,13 @@ the OS sandbox of :mod:`decodelab.experiment.sandbox`).
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from decodelab.config import TaskConfig
 from decodelab.errors import check, warn
 from decodelab.experiment.sandbox import ISOLATED, UNCONFINED, require_isolation, run_program
 from decodelab.tasks.base import Prompt
+from decodelab.tasks.metrics import rouge_l
 
 HUMANEVAL_TIMEOUT_S = 10.0
 # Scorers that execute the answer.
@@ -79,21 +79,6 @@ def diversity(text: str) -> Dict[str, float]:
 
 
 # --- reference scorers -----------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def _rouge_scorer():
-    from absl import logging as absl_logging
-    from rouge_score import rouge_scorer  # imported lazily: it pulls in nltk
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # not "Using default tokenizer" on every run
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(reference: str, answer: str) -> float:
-    """ROUGE-L F-measure, the usual summary-overlap score."""
-    return float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
 
 
 def parse_number(text: str) -> Optional[float]:

@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from decodelab.config import BackendConfig, TrackingConfig, RunConfig
-from decodelab.decoding.engine import decode
 from decodelab.decoding.lm import LMAdapter
 from decodelab.decoding.static import BUCKETS
 from decodelab.decoding.logits import LogitsPipeline
@@ -27,7 +26,8 @@ from decodelab.experiment.plots import acceptance_plots
 from decodelab.kernels.provider import build_kernels
 from decodelab.models.loading import LoadedModel, load_model, resolve_device
 from decodelab.tasks import load_task
-from decodelab.tasks.base import Prompt
+from decodelab.strategies.registry import REGISTRY, build_strategy
+from decodelab.tasks.base import Prompt, without_context
 from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV
 from decodelab.errors import notice
 from decodelab.experiment.quality import code_execution, score
@@ -58,7 +58,12 @@ class PromptRunner:
         self.run = run
         self.execution = execution  # how generated code is run (see code_execution); None: it is not
         self.tokenizer = loaded.tokenizer
-        self.target = LMAdapter(loaded.model, cache=run.backend.kv_cache, compile=run.backend.compile)
+        self.strategy = build_strategy(run.strategy, loaded=loaded, backend=run.backend)
+        # Contrast strategies score through a wrapper of the target; the drafter, the baseline and the verifier
+        # all see those scores, so a drafter accelerates the strategy's own distribution.
+        self.target = self.strategy.wrap(LMAdapter(loaded.model, cache=run.backend.kv_cache,
+                                                   compile=run.backend.compile,
+                                                   hidden_states=self.strategy.hidden_states))
         self.target.reserve(RESERVED_SLOTS)
         # Compile time (backend.compile) is paid here, before any prompt is timed, and reported apart.
         self.compile_s = self.target.warmup((1,) if run.drafter.name == "none" else BUCKETS)
@@ -66,6 +71,7 @@ class PromptRunner:
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
                                      backend=run.backend)
         self.compile_s += self.drafter.prepare(RESERVED_SLOTS)  # a draft model's cache and compiled steps
+        self.compile_s += self.strategy.prepare(RESERVED_SLOTS)  # an amateur model's
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
         self.baseline = self._baseline_cache() if run.drafter.name != "none" and run.baseline != "none" else None
@@ -86,7 +92,7 @@ class PromptRunner:
                "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
         cache_dir = os.environ.get(SWEEP_DIR_ENV) or run.model.cache_dir
         return BaselineCache(self.target, self.pipeline, self.stop, cache_dir, key,
-                           use_cache=run.baseline == "cached")
+                             use_cache=run.baseline == "cached", generate=self.strategy.generate)
 
     def encode(self, messages: List[dict]) -> List[int]:
         model = self.run.model
@@ -96,6 +102,14 @@ class PromptRunner:
             return chat_template_ids(self.tokenizer, messages)
         text = "\n\n".join(m["content"] for m in messages)
         return self.tokenizer(text)["input_ids"]
+
+    def _without_context(self, prompt: Prompt, messages: List[dict]) -> Optional[List[int]]:
+        """The conversation's ids with the prompt's context cut out of its first turn, for strategies that
+        contrast the two (CAD); None when the strategy does not or the prompt has no context."""
+        if not self.strategy.uses_context or not prompt.context:
+            return None
+        first = dict(messages[0], content=without_context(messages[0]["content"], prompt.context))
+        return self.encode([first] + messages[1:])
 
     def seed_for(self, prompt: Prompt, turn: int) -> int:
         """Seeded per prompt id and turn, so a sample does not change with task order, limit or shuffle."""
@@ -119,14 +133,15 @@ class PromptRunner:
             input_ids = self.encode(messages)
             prompt_tokens.append(list(input_ids))
             slots = len(input_ids) + self.run.task.max_new_tokens + RESERVE_SLACK
-            self.compile_s += self.target.reserve(slots) + self.drafter.prepare(slots)
+            self.compile_s += self.target.reserve(slots) + self.drafter.prepare(slots) + self.strategy.prepare(slots)
+            self.strategy.begin(input_ids, self._without_context(prompt, messages))
             seed = self.seed_for(prompt, turn_index)
             if self.baseline is not None:
                 baselines.append(self.baseline.get(input_ids, seed))
             # Every decode starts from an empty cache: equal footing for baseline, drafters and turns.
             self.target.reset()
-            generation = decode(self.target, input_ids, pipeline=self.pipeline, drafter=self.drafter,
-                                stop=self.stop, generator=self.generator_for(seed))
+            generation = self.strategy.generate(self.target, input_ids, pipeline=self.pipeline, drafter=self.drafter,
+                                                stop=self.stop, generator=self.generator_for(seed))
             if baselines and self.pipeline.greedy:
                 divergences.append(divergence(self.target, input_ids, baselines[-1].tokens, generation.tokens))
             text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
@@ -223,6 +238,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
             return _reuse(previous, run_dir, digest)
     setup_backend(run_cfg.backend)
     prompts = load_task(run_cfg.task)
+    REGISTRY[run_cfg.strategy.name].check_prompts(run_cfg.strategy, prompts)
     execution = code_execution(run_cfg.task, prompts)
     loaded = load_model(run_cfg.model, run_cfg.backend)
     runner = PromptRunner(loaded, run_cfg, execution)

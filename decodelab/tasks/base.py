@@ -22,3 +22,11 @@ class Prompt:
     scorer: Optional[str] = None
     # Extra data a scorer needs (HumanEval: "test", "entry_point", "prompt").
     meta: Dict[str, Any] = field(default_factory=dict)
+    # The part of the first turn that is context (a passage to summarise, retrieved documents): what
+    # context-aware decoding contrasts against; None when the prompt has none.
+    context: Optional[str] = None
+
+
+def without_context(text: str, context: str) -> str:
+    """``text`` with ``context`` cut out (the instruction or question that remains, trimmed)."""
+    return text.replace(context, "", 1).strip()

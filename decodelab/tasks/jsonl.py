@@ -1,7 +1,8 @@
 """Loader for Spec-Bench's question.jsonl format, the interchange format of every text task.
 
 One JSON object per line: ``question_id``, ``category``, ``turns`` (non-empty list of str), optional
-``reference`` and optional ``scorer``. A reference takes every shape the two benchmarks use:
+``reference``, optional ``scorer`` and optional ``context`` (the part of the first turn that is a passage or
+retrieved documents, quoted exactly; context-aware decoding contrasts against it). A reference takes every shape the two benchmarks use:
 
 - absent or null (MT-bench's open questions): no reference;
 - a str;
@@ -69,8 +70,11 @@ def _parse_line(line: str, where: str) -> Prompt:
     answers, alternatives = _answers(obj.get("reference"), where)
     reference = answers[0] if answers else None
     scorer = _scorer(obj.get("scorer", "exact" if alternatives else None), reference, where)
+    context = obj.get("context")
+    if context is not None and (not isinstance(context, str) or not context.strip() or context not in turns[0]):
+        raise UserError(f"{where}: invalid 'context' (a non-empty str that occurs in the first turn)")
     return Prompt(id=str(qid), category=category, turns=list(turns), reference=reference, answers=answers,
-                  scorer=scorer)
+                  scorer=scorer, context=context)
 
 
 REFERENCE_SHAPES = "str, list of str (one per turn) or list of lists of str (acceptable answers per turn)"

@@ -27,11 +27,14 @@ def test_every_group_has_options():
 def test_every_config_composes(group, option):
     cfg = compose([f"{group}={option}", *NEEDS_VALUE.get((group, option), []), "output_dir=unused"])
     from decodelab.drafters.registry import drafter_config
+    from decodelab.strategies.registry import strategy_config
 
     for part in VALIDATED_GROUPS:
         node = OmegaConf.to_object(cfg[part])
         if part == "drafter":
             node = drafter_config(node)
+        if part == "strategy":
+            node = strategy_config(node)
         if (group, option) not in NEEDS_VALUE:
             node.validate(part)
     if (group, option) not in NEEDS_VALUE:
@@ -91,11 +94,13 @@ def test_group_yamls_hold_only_deltas(group):
 
     import decodelab.config as schemas
     from decodelab.drafters.registry import REGISTRY
+    from decodelab.strategies.registry import REGISTRY as STRATEGIES
 
+    registries = {"drafter": REGISTRY, "strategy": STRATEGIES}
     restated = {}
     for option in group_options(group):
         values = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text()) or {}
-        schema = REGISTRY[option].config_class if group == "drafter" else getattr(schemas, SCHEMAS[group])
+        schema = registries[group][option].config_class if group in registries else getattr(schemas, SCHEMAS[group])
         found = _restated_defaults(values, schema)
         if found:
             restated[option] = found

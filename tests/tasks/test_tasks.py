@@ -46,6 +46,28 @@ def test_specbench_mini_rag_answers_are_in_the_context():
         assert p.reference.lower() in p.turns[0].lower()
 
 
+def test_specbench_mini_marks_the_context_of_summaries_and_rag():
+    """Context-aware decoding contrasts with the prompt minus its context: what is left is the instruction."""
+    from decodelab.tasks.base import without_context
+
+    for p in load_task(cfg()):
+        if p.category in ("summarization", "rag"):
+            assert p.context and p.context in p.turns[0]
+            rest = without_context(p.turns[0], p.context)
+            assert rest.startswith(("Summarize", "Question:")) and len(rest) < 100, p.id
+        else:
+            assert p.context is None
+
+
+def test_jsonl_context_must_occur_in_the_first_turn(tmp_path):
+    row = {"question_id": 1, "category": "rag", "turns": ["Doc: the sky is blue.\n\nQ: what colour?"]}
+    prompt, = load_jsonl(write_lines(tmp_path / "ok.jsonl", [dict(row, context="Doc: the sky is blue.")]))
+    assert prompt.context == "Doc: the sky is blue."
+    for bad in ("Doc: the sea is green.", "", 3):
+        with pytest.raises(UserError, match=r"line 1: invalid 'context'"):
+            load_jsonl(write_lines(tmp_path / "bad.jsonl", [dict(row, context=bad)]))
+
+
 def test_categories_filter_and_unknown_category():
     prompts = load_task(cfg(categories=["math_reasoning", "rag"]))
     assert {p.category for p in prompts} == {"math_reasoning", "rag"}
