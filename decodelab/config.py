@@ -257,6 +257,9 @@ class TaskConfig:
     # Run generated code (HumanEval's tests) without OS isolation: the explicit opt-in where no sandbox
     # can be built; the run's tags and every record say so.
     unsafe_execution: bool = False
+    # MAUVE per category against the prompts' human-written references (decodelab/experiment/mauve.py; needs the
+    # quality extra and at least mauve.MIN_TEXTS references in a category), with the target's own features.
+    mauve: bool = False
 
     def validate(self, key: str = "task") -> None:
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")

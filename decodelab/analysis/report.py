@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from decodelab.analysis import pareto
 from decodelab.experiment import plots
 from decodelab.drafters.registry import REGISTRY
 from decodelab.config import DEFAULT_TRACKING_URI
@@ -62,6 +63,11 @@ class Job:
     def drafter(self) -> str:
         drafter = self.config.get("drafter")
         return str(drafter["name"]) if isinstance(drafter, dict) and drafter.get("name") else "?"
+
+    @property
+    def strategy(self) -> str:
+        strategy = self.config.get("strategy")
+        return str(strategy["name"]) if isinstance(strategy, dict) and strategy.get("name") else "?"
 
     @property
     def finished(self) -> bool:
@@ -165,6 +171,28 @@ def results_table(jobs: Sequence[Job], varied: Sequence[str], category: Optional
     return Table(f"Results: {category or 'overall'}", headers, rows)
 
 
+def pareto_metrics(jobs: Sequence[Job]) -> Dict[str, str]:
+    """Category -> the quality key its Pareto front is taken on (decodelab/analysis/pareto.py)."""
+    chosen = {c: pareto.choose_metric([job.summary for job in jobs], c) for c in _categories(jobs)}
+    return {category: metric for category, metric in chosen.items() if metric}
+
+
+def pareto_rows(jobs: Sequence[Job]) -> List[pareto.Row]:
+    metrics = pareto_metrics(jobs)
+    return [row for job in jobs for row in pareto.summary_rows(job.name, job.strategy, job.drafter, job.summary, metrics)]
+
+
+def pareto_table(jobs: Sequence[Job]) -> Table:
+    """Every finished job per category on that category's quality metric; front: no job is faster and better."""
+    rows = pareto_rows(jobs)
+    fronts = {id(row) for front in pareto.pareto_fronts(rows).values() for row in front}
+    ordered = sorted(rows, key=lambda r: (r.category, id(r) not in fronts, -r.throughput))
+    return Table("Pareto front per category (quality vs throughput)",
+                 ["category", "metric", "job", "strategy", "drafter", "quality", "tok/s", "fwd/tok", "front"],
+                 [[r.category, r.metric, r.job, r.strategy, r.drafter, _num(r.quality), _num(r.throughput, 2),
+                   _num(r.forwards_per_token, 2), "yes" if id(r) in fronts else ""] for r in ordered])
+
+
 def failures_table(jobs: Sequence[Job], varied: Sequence[str]) -> Table:
     headers = ["job", "drafter", *varied, "status", "error"]
     rows = [[job.name, job.drafter, *(format_value(job.varied[k]) if k in job.varied else MISSING for k in varied),
@@ -266,6 +294,13 @@ def _pareto_plots(jobs: Sequence[Job], out_dir: Path) -> List[Plot]:
         plots.pareto_plot(points, out_dir / file, "throughput (tok/s)", quality, title)  # type: ignore[arg-type]
         out.append(Plot(title, file, "Points are labelled by job (see the tables); red: Pareto-optimal jobs "
                                         "(no other job is both faster and better), connected."))
+    rows = pareto_rows(jobs)
+    if len({row.job for row in rows}) > 1:  # one job alone is no comparison
+        title = "Quality vs throughput per category"
+        pareto.pareto_plot(rows, out_dir / pareto.PLOT_FILE, title)
+        metrics = ", ".join(f"{c}: {m}" for c, m in pareto_metrics(jobs).items())
+        out.append(Plot(title, pareto.PLOT_FILE, f"One panel per category, points labelled strategy|drafter; red: "
+                                                 f"the Pareto front, connected. Quality metric ({metrics})."))
     if not out:
         return [Plot("Speed vs quality", None, f"no finished job has a quality metric ({', '.join(QUALITY_KEYS)})")]
     return out
@@ -370,6 +405,7 @@ def build_report(jobs: List[Job], title: str, source: str, out_dir: Path) -> Rep
              f"Generated {datetime.now().isoformat(timespec='seconds')}"]
     tables = [results_table(finished, varied, None)]
     tables += [results_table(finished, varied, category) for category in _categories(finished)]
+    tables.append(pareto_table(finished))
     return Report(title, intro, tables, failures_table(jobs, varied), make_plots(jobs, varied, out_dir))
 
 
@@ -486,7 +522,8 @@ def write_report(sweep: Path | str, out_dir: Optional[Path] = None, tracking_uri
     """Write report.md, report.html and the PNGs for a sweep folder or an MLflow parent run id.
 
     Returns {"out_dir", "markdown", "html", "plots" (PNG paths), "skipped" (plot title -> reason),
-    "jobs" (job name -> status), "mlflow_run_id" (the parent the files were logged to, or None)}.
+    "jobs" (job name -> status), "mlflow_run_id" (the parent the files were logged to, or None),
+    "pareto_metrics" (category -> the quality key of its Pareto front)}.
     """
     sweep_path = _sweep_folder(str(sweep))
     if sweep_path.is_dir():
@@ -521,4 +558,5 @@ def _write(jobs: List[Job], meta: Dict[str, Any], name: str, source: str, out_di
     logged = log_to_parent(meta, [markdown, page, *pngs], tracking_uri) if log_to_mlflow else None
     return {"out_dir": out_dir, "markdown": markdown, "html": page, "plots": pngs,
             "skipped": {plot.title: plot.note for plot in report.plots if not plot.file},
-            "jobs": {job.name: job.status for job in jobs}, "mlflow_run_id": logged}
+            "jobs": {job.name: job.status for job in jobs}, "mlflow_run_id": logged,
+            "pareto_metrics": pareto_metrics([job for job in jobs if job.finished])}

@@ -23,6 +23,9 @@ def cli(args: List[str]) -> None:
     result = write_report(parsed.source, Path(out) if out else None, parsed.value("--tracking-uri", DEFAULT_TRACKING_URI))
     for path in [result["markdown"], result["html"], *result["plots"]]:
         print(f"wrote {path}")
+    if result["pareto_metrics"]:
+        print("Pareto quality metric per category: "
+              + ", ".join(f"{category}={metric}" for category, metric in result["pareto_metrics"].items()))
     for title, reason in result["skipped"].items():
         print(f"skipped plot {title!r}: {reason}")
     if result["mlflow_run_id"]:

@@ -127,6 +127,10 @@ def validate(cfg: DictConfig) -> None:
     prompts = load_task(run.task)
     STRATEGIES[run.strategy.name].check_prompts(run.strategy, prompts)
     code_execution(run.task, prompts, announce=False)
+    if run.task.mauve:
+        from decodelab.experiment.mauve import require_mauve
+
+        require_mauve()
 
 
 def validate_overrides(overrides: Sequence[str], multirun: bool) -> None:

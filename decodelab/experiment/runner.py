@@ -29,7 +29,7 @@ from decodelab.tasks import load_task
 from decodelab.strategies.registry import REGISTRY, build_strategy
 from decodelab.tasks.base import Prompt, without_context
 from decodelab.tracking.sweep_folder import SWEEP_DIR_ENV
-from decodelab.errors import notice
+from decodelab.errors import notice, warn
 from decodelab.experiment.quality import code_execution, score
 from decodelab.experiment.sandbox import ISOLATED
 
@@ -264,6 +264,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
         err.decodelab_recorded = True  # type: ignore[attr-defined]  # the job wrapper must not record it twice
         raise
     summary = summarize(records)
+    if run_cfg.task.mauve:
+        summary.update(mauve_summary(prompts, records, loaded))
     if run_cfg.backend.compile:
         summary["compile_s"] = runner.compile_s  # warm-up before the first prompt: never inside a sample's time
     lists = list_metrics(records)
@@ -272,6 +274,26 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
     if run_cfg.print_table and show is not None:
         show(summary, run_dir, run_cfg.tracking, tracker.remote_failures)
     return {**summary, "status": "FINISHED"}
+
+
+def mauve_summary(prompts: List[Prompt], records: List[dict], loaded: LoadedModel) -> Dict[str, float]:
+    """``mauve/<category>`` for every category with enough human references, after decoding (never timed); a
+    category with too few gets one warning that says how many it has."""
+    from decodelab.experiment.mauve import category_mauve, human_reference, target_features
+
+    by_id = {p.id: p for p in prompts}
+    items = [(r["category"], human_reference(by_id[r["id"]].reference, by_id[r["id"]].scorer), "\n".join(r["outputs"]))
+             for r in records if r["id"] in by_id]
+    out: Dict[str, float] = {}
+    results = category_mauve(items, target_features(loaded.model, loaded.tokenizer))
+    for category, result in results.items():
+        if result.score is None:
+            warn(f"task.mauve: no MAUVE for category {category}: {result.reason}")
+        else:
+            out[f"mauve/{category}"] = result.score
+    if not results:
+        warn("task.mauve: no prompt of this task has a human-written reference; MAUVE needs one per prompt")
+    return out
 
 
 def _reuse(previous, run_dir: Path, digest: str) -> Dict[str, float]:

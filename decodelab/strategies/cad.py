@@ -10,13 +10,12 @@ verified against these scores (lossless for CAD).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List
 
 from decodelab.config import StrategyConfig
 from decodelab.decoding.lm import LMAdapter
 from decodelab.errors import ConfigError, check
-from decodelab.strategies.base import Strategy
-from decodelab.strategies.scorer import PairScorer, contrast
+from decodelab.strategies.scorer import Combine, PairStrategy, contrast
 
 # What a prompt without a context gets: refuse (the run stops at validation) or plain (no contrast).
 NO_CONTEXT = ("refuse", "plain")
@@ -35,15 +34,10 @@ class CadConfig(StrategyConfig):
               f"got {self.no_context!r}, allowed: {', '.join(NO_CONTEXT)}")
 
 
-class ContextAwareDecoding(Strategy):
+class ContextAwareDecoding(PairStrategy):
     names = ("cad",)
     config_class = CadConfig
     uses_context = True
-
-    def __init__(self, cfg: CadConfig, *, loaded=None, backend=None):
-        super().__init__(cfg, loaded=loaded, backend=backend)
-        self.backend = backend
-        self.scorer: Optional[PairScorer] = None
 
     @classmethod
     def check_prompts(cls, cfg: CadConfig, prompts: List) -> None:
@@ -55,15 +49,8 @@ class ContextAwareDecoding(Strategy):
                                           f"{len(prompts)} prompts have none (e.g. id {bare[0].id}, category "
                                           f"{bare[0].category}); use {hint}, or strategy.no_context=plain")
 
-    def wrap(self, target: LMAdapter) -> PairScorer:
-        cfg: CadConfig = self.cfg  # type: ignore[assignment]
-        other = LMAdapter(target.model, cache=self.backend.kv_cache, compile=self.backend.compile)
-        self.scorer = PairScorer(target, other, contrast(cfg.alpha))
-        return self.scorer
+    def other_model(self, target: LMAdapter):
+        return target.model  # the same model, in a second cache, over the prompt without its context
 
-    def prepare(self, slots: int) -> float:
-        return self.scorer.other.reserve(slots) if self.scorer is not None else 0.0
-
-    def begin(self, prompt_ids: Sequence[int], plain_ids: Optional[Sequence[int]]) -> None:
-        if self.scorer is not None:
-            self.scorer.begin(prompt_ids, plain_ids)
+    def combine(self) -> Combine:
+        return contrast(self.cfg.alpha)  # type: ignore[attr-defined]

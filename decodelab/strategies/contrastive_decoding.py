@@ -11,13 +11,12 @@ amateur as the drafter too (``drafter=draft_model`` with ``model@drafter.model``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List
 
 from decodelab.config import ModelConfig, StrategyConfig
 from decodelab.decoding.lm import LMAdapter
 from decodelab.errors import ConfigError, check
-from decodelab.strategies.base import Strategy
-from decodelab.strategies.scorer import PairScorer, contrast
+from decodelab.strategies.scorer import Combine, PairStrategy, contrast
 
 
 @dataclass
@@ -36,7 +35,7 @@ class ContrastiveDecodingConfig(StrategyConfig):
         check(self.beta >= 0, f"{key}.beta", f"must be >= 0 (0 is the expert alone), got {self.beta}")
 
 
-class ContrastiveDecoding(Strategy):
+class ContrastiveDecoding(PairStrategy):
     names = ("contrastive_decoding",)
     config_class = ContrastiveDecodingConfig
 
@@ -48,24 +47,16 @@ class ContrastiveDecoding(Strategy):
         super().__init__(cfg, loaded=loaded, backend=backend)
         from decodelab.models.loading import load_model
 
-        self.backend = backend
         self.amateur = load_model(cfg.amateur, backend)
         if loaded is not None:
             check_same_vocabulary(loaded, self.amateur, "strategy.amateur")
-        self.scorer: Optional[PairScorer] = None
 
-    def wrap(self, target: LMAdapter) -> PairScorer:
+    def other_model(self, target: LMAdapter):
+        return self.amateur.model
+
+    def combine(self) -> Combine:
         cfg: ContrastiveDecodingConfig = self.cfg  # type: ignore[assignment]
-        other = LMAdapter(self.amateur.model, cache=self.backend.kv_cache, compile=self.backend.compile)
-        self.scorer = PairScorer(target, other, contrast(cfg.beta, cfg.alpha))
-        return self.scorer
-
-    def prepare(self, slots: int) -> float:
-        return self.scorer.other.reserve(slots) if self.scorer is not None else 0.0
-
-    def begin(self, prompt_ids: Sequence[int], plain_ids: Optional[Sequence[int]]) -> None:
-        if self.scorer is not None:
-            self.scorer.begin(prompt_ids, None)
+        return contrast(cfg.beta, cfg.alpha)
 
 
 def check_same_vocabulary(target, other, key: str) -> None:

@@ -22,7 +22,9 @@ def discover() -> Dict[str, Type[Strategy]]:
     for module_info in pkgutil.iter_modules(strategies_package.__path__):
         module = importlib.import_module(f"{strategies_package.__name__}.{module_info.name}")
         for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Strategy) and value.__module__ == module.__name__:
+            # Only a class that names its own strategies serves them (a shared base such as PairStrategy does not).
+            if isinstance(value, type) and issubclass(value, Strategy) and value.__module__ == module.__name__ \
+                    and "names" in vars(value):
                 found.update({name: value for name in value.names})
     REGISTRY.clear()
     REGISTRY.update(sorted(found.items()))

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from decodelab.decoding.lm import LMAdapter, common_prefix
+from decodelab.strategies.base import Strategy
 
 # (main logits [rows, vocab], other logits [rows, vocab]) -> scores [rows, vocab]
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -113,15 +114,20 @@ class PairScorer(Scorer):
         self.combine = combine
         self.prompt: List[int] = []
         self.plain: List[int] = []
+        # Off: the scores are the main adapter's alone and the other one is not run (CAD on a prompt without a
+        # context, strategy.no_context=plain).
+        self.active = True
 
     @property
     def aux_forwards(self) -> int:
         return self.other.forwards
 
-    def begin(self, prompt: Sequence[int], plain: Optional[Sequence[int]]) -> None:
-        """The next prompt and its counterpart for the other adapter (None: the same ids)."""
+    def begin(self, prompt: Sequence[int], plain: Optional[Sequence[int]], active: bool = True) -> None:
+        """The next prompt and its counterpart for the other adapter (None: the same ids); ``active`` False
+        decodes it without the contrast."""
         self.prompt = list(prompt)
         self.plain = list(plain) if plain is not None else list(prompt)
+        self.active = active
 
     @property
     def offset(self) -> int:
@@ -139,11 +145,14 @@ class PairScorer(Scorer):
 
     def crop(self, length: int) -> None:
         self.main.crop(length)
-        self.other.crop(self._other_length(length))
+        if self.active:
+            self.other.crop(self._other_length(length))
 
     def keep(self, indices: Sequence[int]) -> None:
         indices = list(indices)
         self.main.keep(indices)
+        if not self.active:
+            return
         head = len(self.prompt)
         if indices[:head] != list(range(min(head, len(indices)))):
             raise ValueError("a contrast scorer keeps the whole prompt: positions before it cannot be dropped")
@@ -157,6 +166,8 @@ class PairScorer(Scorer):
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         ids = list(ids)
+        if not self.active:
+            return self.main.prefill(ids)
         if ids[:len(self.prompt)] != self.prompt:
             self.begin(ids, None)  # not the prompt begin() announced: both adapters see the same ids
         keep = min(common_prefix(self.main.tokens, ids), len(ids) - 1)
@@ -170,10 +181,14 @@ class PairScorer(Scorer):
 
     def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
         main = self.main.forward(ids, last_only=last_only)
+        if not self.active:
+            return main
         return self.combine(main, self.other.forward(ids, last_only=last_only))
 
     def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
         main = self.main.forward_tree(tokens, parents)
+        if not self.active:
+            return main
         return self.combine(main, self.other.forward_tree(tokens, parents))
 
 
@@ -213,3 +228,33 @@ class LayerScorer(Scorer):
         else:
             base = early_logp[0]
         return plausible(final, final_logp - base, self.cutoff)
+
+
+class PairStrategy(Strategy):
+    """A strategy that contrasts the target with a second adapter through a :class:`PairScorer`: subclasses say
+    which model the second adapter runs and how the two are combined."""
+
+    def __init__(self, cfg, *, loaded=None, backend=None):
+        super().__init__(cfg, loaded=loaded, backend=backend)
+        self.backend = backend
+        self.scorer: Optional[PairScorer] = None
+
+    def other_model(self, target: LMAdapter):
+        raise NotImplementedError
+
+    def combine(self) -> Combine:
+        raise NotImplementedError
+
+    def wrap(self, target: LMAdapter) -> PairScorer:
+        other = LMAdapter(self.other_model(target), cache=self.backend.kv_cache, compile=self.backend.compile)
+        self.scorer = PairScorer(target, other, self.combine())
+        return self.scorer
+
+    def prepare(self, slots: int) -> float:
+        return self.scorer.other.reserve(slots) if self.scorer is not None else 0.0
+
+    def begin(self, prompt_ids: Sequence[int], plain_ids: Optional[Sequence[int]]) -> None:
+        if self.scorer is not None:
+            # A context strategy on a prompt without one (allowed by its config) decodes it without the contrast.
+            self.scorer.begin(prompt_ids, plain_ids if self.uses_context else None,
+                              active=plain_ids is not None or not self.uses_context)

@@ -100,7 +100,8 @@ def test_group_yamls_hold_only_deltas(group):
     restated = {}
     for option in group_options(group):
         values = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text()) or {}
-        schema = registries[group][option].config_class if group in registries else getattr(schemas, SCHEMAS[group])
+        name = compose([f"{group}={option}"])[group].name if group in registries else None  # cad_plain serves cad
+        schema = registries[group][name].config_class if group in registries else getattr(schemas, SCHEMAS[group])
         found = _restated_defaults(values, schema)
         if found:
             restated[option] = found

@@ -17,11 +17,13 @@ def encode_chat(tokenizer, text: str) -> List[int]:
     return chat_template_ids(tokenizer, [{"role": "user", "content": text}])
 
 
-def assert_bad_value_is_named(drafter: str, override: str, key: str, extra: Sequence[str] = ()) -> None:
-    """``drafter=<drafter> <override>`` fails validation with a message that names ``key``."""
-    cfg = compose([f"drafter={drafter}", override, *extra, "tracking=none"])
-    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+def assert_bad_value_is_named(option: str, override: str, key: str, extra: Sequence[str] = (),
+                              group: str = "drafter") -> None:
+    """``<group>=<option> <override>`` fails validation with one line that names ``key``."""
+    cfg = compose([f"{group}={option}", override, *extra, "tracking=none"])
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as err:
         validate(cfg)
+    assert "\n" not in str(err.value)
 
 
 def assert_registered_with_yaml_defaults(name: str, schema: type) -> None:

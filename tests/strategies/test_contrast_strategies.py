@@ -169,3 +169,10 @@ def test_contrast_runs_end_to_end(tmp_path):
 def test_dola_refuses_models_without_the_static_forward():
     with pytest.raises(UserError, match="backend.kv_cache"):
         validate(compose(["model=tiny-random", "strategy=dola", "backend.kv_cache=dynamic", "tracking=none"]))
+
+
+def test_cad_plain_skips_the_second_pass_on_prompts_without_context(tiny_loaded):
+    ids = encode_chat(tiny_loaded.tokenizer, "What is 12 times 7?")
+    out = generate(tiny_loaded, strategy_for(tiny_loaded, ["strategy=cad_plain"]), ids, 12)
+    assert out.aux_forwards == 0
+    assert out.tokens == generate(tiny_loaded, strategy_for(tiny_loaded, ["strategy=greedy"]), ids, 12).tokens

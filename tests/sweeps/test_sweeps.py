@@ -66,7 +66,7 @@ def test_every_named_sweep_runs_on_a_tiny_model(tmp_path, name, monkeypatch, cap
     sweep_dir = _only_sweep(tmp_path / "multirun" / name)
     rows = _summary(sweep_dir)["jobs"]
     assert rows and all(r["status"] == "FINISHED" for r in rows), rows
-    expected = {"drafters": 6, "draft_length": 8, "sampling": 4, "search_speedup": 2}[name]
+    expected = {"drafters": 6, "draft_length": 8, "sampling": 4, "search_speedup": 2, "strategies": 10}[name]
     assert len(rows) == expected
     for run_dir in run_dirs(sweep_dir):
         summary = json.loads((run_dir / "summary.json").read_text())
