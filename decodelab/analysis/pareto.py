@@ -22,7 +22,7 @@ from decodelab.experiment import plots
 # summaries, exact match for math and RAG, pass@1 for code), else MAUVE against human references where a run
 # recorded it (decodelab/experiment/mauve.py), else distinct-2, the diversity every answer gets (open-ended
 # categories have no reference; higher distinct-2 means less looping, not a better answer).
-QUALITY_PREFERENCE = ("rouge_l", "exact_match", "pass@1", "mauve", "distinct_2")
+QUALITY_PREFERENCE = ("rouge_l", "chrf", "exact_match", "pass@1", "mauve", "distinct_2")
 PLOT_FILE = "pareto_by_category.png"
 
 

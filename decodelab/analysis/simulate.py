@@ -91,6 +91,7 @@ class ReplayTarget:
     """
 
     device = torch.device("cpu")
+    aux_forwards = 0  # no second model behind the replayed scores
 
     def __init__(self, unknown: int):
         self.unknown = unknown

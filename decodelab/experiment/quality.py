@@ -15,7 +15,7 @@ from decodelab.config import TaskConfig
 from decodelab.errors import check, warn
 from decodelab.experiment.sandbox import ISOLATED, UNCONFINED, require_isolation, run_program
 from decodelab.tasks.base import Prompt
-from decodelab.tasks.metrics import rouge_l
+from decodelab.tasks.metrics import chrf, rouge_l
 
 HUMANEVAL_TIMEOUT_S = 10.0
 # Scorers that execute the answer.
@@ -35,6 +35,8 @@ def score(prompt: Prompt, answer: str, execution: str = ISOLATED,
     out = diversity(answer)
     if prompt.scorer == "rouge_l" and prompt.reference is not None:
         out["rouge_l"] = rouge_l(prompt.reference, answer)
+    elif prompt.scorer == "chrf" and prompt.reference is not None:
+        out["chrf"] = chrf(prompt.reference, answer)
     elif prompt.scorer == "math_exact" and prompt.reference is not None:
         out["exact_match"] = math_exact(prompt.reference, answer)
     elif prompt.scorer == "exact" and prompt.reference is not None:

@@ -8,7 +8,7 @@ Candidates are drawn by the engine's ``decode`` with the run's drafter: lossless
 candidate's distribution, so a drafter makes MBR cheaper without changing what it estimates (not the same draws,
 though). One generator is advanced through all candidates, so a seed fixes the whole set.
 
-Utilities: ``rouge_l`` and ``chrf`` compare decoded texts (chrf needs sacrebleu); ``embedding`` is the cosine of
+Utilities: ``rouge_l`` and ``chrf`` compare decoded texts (chrF through sacrebleu); ``embedding`` is the cosine of
 the candidates' mean-pooled final hidden states under the target, one extra prefill of prompt + candidate each.
 Only ``embedding`` reads hidden states, so only it asks for a capturing target (``hidden_states`` is set per
 instance, which the runner reads after building the strategy): the text utilities keep the compiled static path
@@ -21,7 +21,6 @@ is the decode time of every sample per token answered.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, TypeVar
@@ -34,9 +33,9 @@ from decodelab.decoding.lm import LMAdapter, synchronize
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.decoding.stop import StopCriteria
 from decodelab.decoding.types import Generation, Proposer
-from decodelab.errors import ConfigError, check
+from decodelab.errors import check
 from decodelab.strategies.base import Strategy
-from decodelab.tasks.metrics import rouge_l
+from decodelab.tasks.metrics import chrf, rouge_l
 
 UTILITIES = ("rouge_l", "chrf", "embedding")
 T = TypeVar("T")
@@ -94,11 +93,7 @@ class Mbr(Strategy):
         if name == "rouge_l":
             return lambda hypothesis, reference: rouge_l(reference, hypothesis)
         if name == "chrf":
-            try:
-                sacrebleu = importlib.import_module("sacrebleu")
-            except ImportError:
-                raise ConfigError("strategy.utility", "utility=chrf needs sacrebleu: pip install sacrebleu") from None
-            return lambda hypothesis, reference: sacrebleu.sentence_chrf(hypothesis, [reference]).score / 100.0
+            return lambda hypothesis, reference: chrf(reference, hypothesis)
         return cosine
 
     def generate(self, target: LMAdapter, prompt_ids: Sequence[int], *, pipeline: LogitsPipeline,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 # Scorers that decodelab.experiment.quality knows; a prompt names the one that fits its reference.
-SCORERS = ("rouge_l", "math_exact", "humaneval", "exact")
+SCORERS = ("rouge_l", "chrf", "math_exact", "humaneval", "exact")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Text overlap of an answer with a reference: what task scorers report and what MBR decoding maximises, so both
-use one definition."""
+"""Text overlap of an answer with a reference (ROUGE-L, chrF): what task scorers report and what MBR decoding
+maximises, so both use one definition."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def _rouge_scorer():
 def rouge_l(reference: str, answer: str) -> float:
     """ROUGE-L F-measure, the usual summary-overlap score."""
     return float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
+
+
+def chrf(reference: str, answer: str) -> float:
+    """sacrebleu's sentence chrF (character n-gram F-score, the usual translation score), in [0, 1]."""
+    import sacrebleu  # imported lazily: the one use of it
+
+    return float(sacrebleu.sentence_chrf(answer, [reference]).score) / 100.0

@@ -102,3 +102,12 @@ def test_humaneval_infinite_loop_times_out_quickly(problem0):
 def test_extract_code_prefers_block_defining_entry_point():
     answer = "```bash\npip install x\n```\n```python\nimport math\n```\n```python\ndef f(x):\n    return x\n```"
     assert extract_code(answer, "def f(x):\n    '''doc'''\n", "f").endswith("def f(x):\n    return x\n")
+
+
+def test_translation_is_scored_by_chrf():
+    prompt = Prompt(id="t", category="translation", turns=["Translate"], reference="La bibliothèque ouvre à neuf heures.",
+                    scorer="chrf")
+    exact = score(prompt, "La bibliothèque ouvre à neuf heures.")["chrf"]
+    close = score(prompt, "La bibliothèque ouvre a 9 heures.")["chrf"]
+    wrong = score(prompt, "The library opens at nine.")["chrf"]
+    assert exact == pytest.approx(1.0) and 0.3 < close < 1 and wrong < close

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import List
 
 import pytest
@@ -19,7 +17,6 @@ from decodelab.decoding.stop import StopCriteria
 from decodelab.decoding.types import Generation
 from decodelab.drafters.none import NoDrafter
 from decodelab.drafters.registry import build_drafter, drafter_config
-from decodelab.errors import ConfigError
 from decodelab.experiment.compose import compose, to_run_config
 from decodelab.tasks.metrics import rouge_l
 from decodelab.experiment.runner import eos_ids, run
@@ -101,23 +98,13 @@ def test_bad_values_are_named(override, key):
     assert_bad_value_is_named("mbr", override, key, ["model=tiny-random"], group="strategy")
 
 
-def test_chrf_without_sacrebleu_names_the_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu now raises ImportError
-    with pytest.raises(ConfigError, match=r"strategy\.utility.*pip install sacrebleu"):
-        Mbr(MbrConfig(utility="chrf"))
+def test_chrf_is_the_task_scorer(tiny_loaded):
+    from decodelab.tasks.metrics import chrf
 
-
-def test_chrf_scores_through_sacrebleu(monkeypatch, tiny_loaded):
-    calls = []
-
-    def sentence_chrf(hypothesis, references):
-        calls.append((hypothesis, references))
-        return types.SimpleNamespace(score=100.0 * _rouge(hypothesis, references[0]))
-
-    monkeypatch.setitem(sys.modules, "sacrebleu", types.SimpleNamespace(sentence_chrf=sentence_chrf))
     strategy = Mbr(MbrConfig(utility="chrf"), loaded=tiny_loaded)
     assert strategy.utility("the cat sat", "the cat sat") == pytest.approx(1.0)
-    assert calls == [("the cat sat", ["the cat sat"])]
+    assert strategy.utility("le chat", "the cat sat on the mat") == pytest.approx(chrf("the cat sat on the mat", "le chat"))
+    assert 0 < strategy.utility("the cat sat", "the cat sat down") < 1
     assert not strategy.hidden_states  # text utilities keep the compiled static path and any cache
 
 

@@ -13,7 +13,7 @@ from decodelab.tasks import load_task
 from decodelab.tasks.jsonl import load_jsonl
 from decodelab.tasks.specbench_mini import CATEGORIES
 
-REFERENCED = {"summarization": "rouge_l", "math_reasoning": "math_exact", "rag": "exact"}
+REFERENCED = {"summarization": "rouge_l", "translation": "chrf", "math_reasoning": "math_exact", "rag": "exact"}
 
 
 def cfg(**kw) -> TaskConfig:
@@ -37,7 +37,7 @@ def test_specbench_mini_has_six_categories_of_five():
     for category, scorer in REFERENCED.items():
         for p in by_cat[category]:
             assert p.reference and p.scorer == scorer, p.id
-    for category in ("conversation", "translation", "qa"):
+    for category in ("conversation", "qa"):
         assert all(p.scorer is None for p in by_cat[category])
 
 
