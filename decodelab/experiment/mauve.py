@@ -30,7 +30,7 @@ MIN_BUCKETS = 2
 
 # References that are human-written text, by the prompt's scorer: summaries (rouge_l) and scorer-less references
 # (specbench-mini's translations). Exact-match and math references are short answers ("18"), HumanEval's are tests.
-HUMAN_TEXT_SCORERS = (None, "rouge_l")
+HUMAN_TEXT_SCORERS = (None, "rouge_l", "chrf")
 
 Features = Callable[[Sequence[str]], np.ndarray]
 

@@ -46,6 +46,16 @@ CASES = [
     (["+extra_note=hello"], ["extra_note", "unknown key", "tags"]),
     (["logger=none"], ["logger=none", "tracking=none"]),
     (["task.unsafe_execution=true"], ["task.unsafe_execution", "no generated code"]),
+    # Strategies (decodelab/strategies): ranges, pairings with drafters, what the task must provide.
+    (["strategy=beam", "strategy.num_beams=0"], ["strategy.num_beams", ">= 1"]),
+    (["strategy=beam", "strategy.num_beams=3", "strategy.num_beam_groups=2"], ["strategy.num_beams", "divisible"]),
+    (["strategy=beam", "strategy.diversity_penalty=0.5"], ["strategy.diversity_penalty", "num_beam_groups > 1"]),
+    (["strategy=beam", "drafter=suffix"], ["drafter=suffix", "strategy=beam", "drafter=none"]),
+    (["strategy=contrastive_search", "strategy.penalty_alpha=1.5"], ["strategy.penalty_alpha", "[0, 1]"]),
+    (["strategy=cad"], ["strategy=cad", "context", "task.categories"]),
+    (["strategy=dola", "strategy.layers=middle"], ["strategy.layers", "low", "high"]),
+    (["strategy=mbr", "strategy.utility=bleu"], ["strategy.utility", "rouge_l", "chrf"]),
+    (["strategy.name=beam_search"], ["strategy.name", "beam_search", "beam"]),
 ]
 
 
