@@ -71,7 +71,7 @@ class PromptRunner:
         self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
                                      backend=run.backend)
         self.compile_s += self.drafter.prepare(RESERVED_SLOTS)  # a draft model's cache and compiled steps
-        self.compile_s += self.strategy.prepare(RESERVED_SLOTS)  # an amateur model's
+        self.compile_s += self.strategy.prepare(RESERVED_SLOTS)  # e.g. MBR's utility, warmed up
         self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
         self.baseline = self._baseline_cache() if run.drafter.name != "none" and run.baseline != "none" else None

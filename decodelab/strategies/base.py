@@ -57,8 +57,9 @@ class Strategy:
         strategy does not use them, or the prompt has no context)."""
 
     def prepare(self, slots: int) -> float:
-        """Before anything is timed: room for ``slots`` tokens in a second model's cache (contrastive decoding's
-        amateur); returns the seconds compiling took."""
+        """Before anything is timed, with room for ``slots`` cached tokens: whatever the strategy's first call would
+        otherwise pay inside a sample (a contrast's second cache needs nothing here: the wrapped target's
+        ``reserve`` sizes both); returns the seconds compiling took."""
         return 0.0
 
     def generate(self, target, prompt_ids: Sequence[int], *, pipeline: LogitsPipeline, drafter: Proposer,

@@ -250,9 +250,6 @@ class PairStrategy(Strategy):
         self.scorer = PairScorer(target, other, self.combine())
         return self.scorer
 
-    def prepare(self, slots: int) -> float:
-        return self.scorer.other.reserve(slots) if self.scorer is not None else 0.0
-
     def begin(self, prompt_ids: Sequence[int], plain_ids: Optional[Sequence[int]]) -> None:
         if self.scorer is not None:
             # A context strategy on a prompt without one (allowed by its config) decodes it without the contrast.
