@@ -96,6 +96,18 @@ class LMAdapter:
         output, each [rows, hidden] (before the final norm)."""
         return self.static.hidden if self.static is not None else []
 
+    @property
+    def features(self) -> torch.Tensor:
+        """The final normed hidden states of the last forward's rows ([rows, hidden], what the LM head reads), for
+        feature-level drafters (EAGLE, Medusa); static path only (:meth:`check_features`)."""
+        self.check_features()
+        return self.static.features
+
+    def check_features(self) -> None:
+        if self.static is None:
+            raise NotImplementedError("features are read from the static forward (llama/qwen2 family, "
+                                      "backend.kv_cache=auto or static)")
+
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
         if self.static is not None:
@@ -115,9 +127,11 @@ class LMAdapter:
         return self.forward(ids[keep:], last_only=True)[-1]
 
     @torch.inference_mode()
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
-        """Run the model over ``ids`` after the cached tokens; returns float32 logits [len(ids) or 1, vocab]."""
-        return self._run(ids, logits_to_keep=1 if last_only else 0)
+    def forward(self, ids: Sequence[int], last_only: bool = False, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the model over ``ids`` after the cached tokens; returns float32 logits [len(ids) or 1, vocab].
+        ``embeds [len(ids), hidden]``: input vectors instead of the ids' embeddings (static path only)."""
+        extra = {} if embeds is None else {"embeds": embeds}
+        return self._run(ids, logits_to_keep=1 if last_only else 0, **extra)
 
     @torch.inference_mode()
     def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
@@ -139,14 +153,14 @@ class LMAdapter:
 
     @torch.inference_mode()
     def forward_level(self, tokens: Sequence[int], parents: Sequence[int], base: int, cached: Sequence[int],
-                      nodes: Sequence[int]) -> torch.Tensor:
+                      nodes: Sequence[int], embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Grow a tree one level: run ``nodes`` (their ancestors all cached) in one forward; logits [len(nodes), vocab].
 
         The cache holds ``base`` context tokens (the last one is the tree's root) and then the tree nodes
         ``cached`` in that order. :meth:`forward_tree` runs a whole tree after a plain cache; a tree grown a
         level per forward needs rows that see the context, their own ancestors among the cached nodes (not
         their cousins) and themselves, at position root + depth, so each row's logits are those of its path
-        run as a chain. The nodes are appended to the cache.
+        run as a chain. The nodes are appended to the cache. ``embeds [len(nodes), hidden]``: as in :meth:`forward`.
         """
         self.check_tree_support()
         nodes = list(nodes)
@@ -161,14 +175,17 @@ class LMAdapter:
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         depths = tree.depths(parents)
+        extra = {} if embeds is None else {"embeds": embeds}
         return self._run([tokens[n] for n in nodes], attention_mask=mask[None, None].to(self.device),
-                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device))
+                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device), **extra)
 
     def _run(self, ids: Sequence[int], **inputs) -> torch.Tensor:
         """One model call over ``ids`` after the cached tokens (``inputs``: mask, positions, logits kept); the
         cache, the token list and the forward count follow it. Float32 logits [rows, vocab]."""
         if self.static is not None:
             logits = self.static.run(ids, **inputs)
+        elif "embeds" in inputs:
+            raise NotImplementedError("input vectors (embeds) run on the static forward only")
         else:
             input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
             if self.layers is None:

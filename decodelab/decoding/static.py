@@ -86,6 +86,9 @@ class StaticForward:
         # [T, hidden]) in ``hidden``, for strategies that read layers (DoLa) or hidden states (contrastive search).
         self.capture = False
         self.hidden: List[torch.Tensor] = []
+        # The final normed hidden state of every row of the last run ([T, hidden], what the LM head reads): the
+        # features that feature-level drafters (EAGLE, Medusa) draft from. Kept always: it is a reference.
+        self.features = torch.empty(0)
         self.warm: set = set()  # buckets compiled for the current capacity
         self.keys = self.values = torch.empty(0)
         self.cos = self.sin = torch.empty(0)
@@ -135,15 +138,17 @@ class StaticForward:
 
     @torch.inference_mode()
     def run(self, ids: Sequence[int], position_ids: Optional[torch.Tensor] = None,
-            attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0) -> torch.Tensor:
+            attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
+            embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[1, rows, vocab]`` of ``ids`` appended after the cached slots (rows: all, or the last
-        ``logits_to_keep``)."""
+        ``logits_to_keep``). ``embeds [T, hidden]``: the input vectors instead of the embeddings of ``ids``
+        (an EAGLE drafter feeds fused features; ``ids`` then only name the positions)."""
         count = len(ids)
         start = self.length
         bucket = next((b for b in BUCKETS if b >= count), None)
         # Room first: growing the cache drops the warm graphs, so whether this step is compiled is decided after.
         self.reserve(start + (bucket if self.warm and bucket is not None else count))
-        compiled = self._compiled is not None and bucket in self.warm and not self.capture
+        compiled = self._compiled is not None and bucket in self.warm and not self.capture and embeds is None
         positions = position_ids[0] if position_ids is not None else torch.arange(start, start + count,
                                                                                    device=self.device)
         mask = attention_mask
@@ -152,9 +157,11 @@ class StaticForward:
         ids_tensor = torch.tensor(list(ids), dtype=torch.long, device=self.device)
         if not compiled:
             slots = torch.arange(start, start + count, device=self.device)
-            logits = self._forward(ids_tensor[None], positions, slots, mask, start + count)
+            inputs = ids_tensor[None] if embeds is None else embeds.to(self.dtype)[None]
+            logits, features = self._forward(inputs, positions, slots, mask, start + count)
         else:
-            logits = self._run_compiled(ids_tensor, positions, mask, start, bucket)
+            logits, features = self._run_compiled(ids_tensor, positions, mask, start, bucket)
+        self.features = features[0]
         self.length = start + count
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
@@ -175,7 +182,7 @@ class StaticForward:
             self.length = length
 
     def _run_compiled(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int,
-                      bucket: int) -> torch.Tensor:
+                      bucket: int):
         """Padded up to ``bucket``: padded rows write slots past the new length (masked for every later row,
         overwritten later) and their logits are dropped. Attention spans the whole capacity, under the mask."""
         count = ids.numel()
@@ -186,13 +193,15 @@ class StaticForward:
         full = torch.full((bucket, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         full[:count, :start + count] = mask[0, 0]
         full[count:, 0] = 0  # padded rows attend somewhere: no NaN
-        return self._compiled(padded_ids, padded_positions, slots, full[None, None], self.capacity)[:, :count]
+        logits, features = self._compiled(padded_ids, padded_positions, slots, full[None, None], self.capacity)
+        return logits[:, :count], features[:, :count]
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 mask: Optional[torch.Tensor], span: int) -> torch.Tensor:
-        """Tokens ``input_ids [1, T]`` written at ``slots`` with rotary ``positions``, attending to the first
-        ``span`` slots under the additive ``mask [1, 1, T, span]``; logits ``[1, T, vocab]``."""
-        hidden = self.base.embed_tokens(input_ids)
+    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 mask: Optional[torch.Tensor], span: int):
+        """Tokens ``inputs [1, T]`` (ids, or input vectors ``[1, T, hidden]``) written at ``slots`` with rotary
+        ``positions``, attending to the first ``span`` slots under the additive ``mask [1, 1, T, span]``; logits
+        ``[1, T, vocab]`` and the final normed hidden states ``[1, T, hidden]``."""
+        hidden = self.base.embed_tokens(inputs) if inputs.dtype == torch.long else inputs
         stream = [hidden[0]] if self.capture else None
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
         for slot, index in enumerate(self.layer_ids):
@@ -201,7 +210,8 @@ class StaticForward:
                 stream.append(hidden[0])
         if stream is not None:
             self.hidden = stream
-        return self.model.lm_head(self.base.norm(hidden))
+        features = self.base.norm(hidden)
+        return self.model.lm_head(features), features
 
     def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: Optional[torch.Tensor], slots: torch.Tensor, span: int) -> torch.Tensor:

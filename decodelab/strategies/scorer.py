@@ -71,6 +71,14 @@ class Scorer:
     def kind(self) -> str:
         return self.main.kind
 
+    @property
+    def features(self) -> torch.Tensor:
+        """The main model's features (feature-level drafters draft from the target's own states)."""
+        return self.main.features
+
+    def check_features(self) -> None:
+        self.main.check_features()
+
     def check_tree_support(self) -> None:
         self.main.check_tree_support()
 
