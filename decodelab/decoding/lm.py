@@ -130,8 +130,7 @@ class LMAdapter:
     def forward(self, ids: Sequence[int], last_only: bool = False, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the model over ``ids`` after the cached tokens; returns float32 logits [len(ids) or 1, vocab].
         ``embeds [len(ids), hidden]``: input vectors instead of the ids' embeddings (static path only)."""
-        extra = {} if embeds is None else {"embeds": embeds}
-        return self._run(ids, logits_to_keep=1 if last_only else 0, **extra)
+        return self._run(ids, logits_to_keep=1 if last_only else 0, embeds=embeds)
 
     @torch.inference_mode()
     def forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
@@ -175,16 +174,16 @@ class LMAdapter:
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         depths = tree.depths(parents)
-        extra = {} if embeds is None else {"embeds": embeds}
         return self._run([tokens[n] for n in nodes], attention_mask=mask[None, None].to(self.device),
-                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device), **extra)
+                         position_ids=torch.tensor([[base - 1 + depths[n] for n in nodes]], device=self.device),
+                         embeds=embeds)
 
-    def _run(self, ids: Sequence[int], **inputs) -> torch.Tensor:
+    def _run(self, ids: Sequence[int], embeds: Optional[torch.Tensor] = None, **inputs) -> torch.Tensor:
         """One model call over ``ids`` after the cached tokens (``inputs``: mask, positions, logits kept); the
         cache, the token list and the forward count follow it. Float32 logits [rows, vocab]."""
         if self.static is not None:
-            logits = self.static.run(ids, **inputs)
-        elif "embeds" in inputs:
+            logits = self.static.run(ids, embeds=embeds, **inputs)
+        elif embeds is not None:
             raise NotImplementedError("input vectors (embeds) run on the static forward only")
         else:
             input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)

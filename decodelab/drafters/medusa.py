@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from decodelab.config import DrafterConfig
+from decodelab.decoding import tree
 from decodelab.decoding.types import Draft
 from decodelab.drafters.base import Drafter
 from decodelab.errors import ConfigError, check
@@ -171,19 +172,14 @@ class MedusaDrafter(Drafter):
         base, rows = self._base, self._rows
         if base is None or rows is None or len(context) <= len(base) or context[:len(base)] != base:
             return None
-        accepted = context[len(base):-1]
         draft = self._draft
-        node = -1
-        for token in accepted:
-            if draft.parents is None:
-                child = node + 1 if node + 1 < len(draft) and draft.tokens[node + 1] == token else None
-            else:
-                child = next((i for i in range(node + 1, len(draft))
-                              if draft.parents[i] == node and draft.tokens[i] == token), None)
-            if child is None:
+        kids = tree.children(draft.parents if draft.parents is not None else tree.chain_parents(len(draft)))
+        node = tree.ROOT
+        for token in context[len(base):-1]:  # the accepted tokens, down the draft as the engine ran it
+            node = next((child for child in kids[node] if draft.tokens[child] == token), None)
+            if node is None:
                 return None
-            node = child
-        row = node + 1
+        row = tree.row(node)
         if row >= rows.shape[0]:
             return None
         return rows[row]
