@@ -16,6 +16,8 @@ from decodelab.config import RunConfig
 from decodelab.errors import UserError, one_line, warn
 
 GROUPS = ("model", "backend", "drafter", "strategy", "task", "tracking", "launcher", "experiment")
+# The groups of each primary config: config (a run), train_drafter (decodelab train-drafter).
+CONFIG_GROUPS = {"config": GROUPS, "train_drafter": ("model", "backend", "task", "tracking", "train")}
 VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "task", "tracking")
 MAX_PREFLIGHT_JOBS = 1024
 
@@ -43,19 +45,21 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """The composed config for ``overrides`` (no Hydra run; ``output_dir`` must be given to run it)."""
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "config") -> DictConfig:
+    """The composed config for ``overrides`` (no Hydra run; ``output_dir`` must be given to run it). ``config_name``:
+    the primary config (config: a run; train_drafter: a head training, whose schema its command registers)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_resolvers()
     register_configs()
-    check_group_options(overrides)
+    check_group_options(overrides, CONFIG_GROUPS[config_name])
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides),
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides),
                                 return_hydra_config=return_hydra_config)
-        check_run_keys(cfg)
+        if config_name == "config":
+            check_run_keys(cfg)
         return cfg
     except UserError:
         raise
@@ -195,13 +199,13 @@ def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:
     return jobs or [[]]
 
 
-def check_group_options(overrides: Iterable[str]) -> None:
+def check_group_options(overrides: Iterable[str], groups: Sequence[str] = GROUPS) -> None:
     for line in overrides:
         key, sep, value = line.partition("=")
         key = key.lstrip("+~")
         if key.split(".")[0] == "logger":
             raise UserError(f"{line}: the logger group is now called tracking; write tracking{line.partition('logger')[2]}")
-        if not sep or key not in GROUPS or value in ("", "null"):
+        if not sep or key not in groups or value in ("", "null"):
             continue
         options = group_options(key)
         for item in value.strip("[]").split(","):

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from decodelab.config import RunConfig
 from decodelab.errors import UserError
@@ -43,8 +43,10 @@ class Previous:
     samples: List[dict] = field(default_factory=list)
 
 
-def find_previous(resume_dir: Path, digest: str, exclude: Path) -> Optional[Previous]:
-    """The newest finished run with this hash under ``resume_dir``, else the unfinished one with most samples."""
+def find_previous(resume_dir: Path, digest: str, exclude: Path,
+                  progress: Callable[[Previous], int] = lambda p: len(p.samples)) -> Optional[Previous]:
+    """The newest finished run with this hash under ``resume_dir``, else the unfinished one with most progress
+    (samples recorded; a training run counts its checkpointed steps)."""
     finished: List[Previous] = []
     unfinished: List[Previous] = []
     if not resume_dir.is_dir():
@@ -66,5 +68,5 @@ def find_previous(resume_dir: Path, digest: str, exclude: Path) -> Optional[Prev
             unfinished.append(Previous(run_dir, False, summary, folder.samples()))
     if finished:
         return max(finished, key=lambda p: (p.run_dir / SUMMARY_FILE).stat().st_mtime)
-    unfinished = [p for p in unfinished if p.samples]
-    return max(unfinished, key=lambda p: len(p.samples)) if unfinished else None
+    unfinished = [p for p in unfinished if progress(p) > 0]
+    return max(unfinished, key=progress) if unfinished else None

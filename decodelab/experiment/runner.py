@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from decodelab.config import BackendConfig, TrackingConfig, RunConfig
+from decodelab.config import BackendConfig, ModelConfig, TrackingConfig, RunConfig
 from decodelab.decoding.lm import LMAdapter
 from decodelab.decoding.static import BUCKETS
 from decodelab.decoding.logits import LogitsPipeline
@@ -95,13 +95,7 @@ class PromptRunner:
                              use_cache=run.baseline == "cached", generate=self.strategy.generate)
 
     def encode(self, messages: List[dict]) -> List[int]:
-        model = self.run.model
-        if model.system_prompt:
-            messages = [{"role": "system", "content": model.system_prompt}] + messages
-        if model.chat_template and getattr(self.tokenizer, "chat_template", None):
-            return chat_template_ids(self.tokenizer, messages)
-        text = "\n\n".join(m["content"] for m in messages)
-        return self.tokenizer(text)["input_ids"]
+        return encode_messages(self.tokenizer, self.run.model, messages)
 
     def _without_context(self, prompt: Prompt, messages: List[dict]) -> Optional[List[int]]:
         """The conversation's ids with the prompt's context cut out of its first turn, for strategies that
@@ -170,6 +164,17 @@ class PromptRunner:
             record["lossless"] = all(d is None for d in divergences)
             record["divergences"] = [dict(turn=i, **d) for i, d in enumerate(divergences) if d is not None]
         return record
+
+
+def encode_messages(tokenizer: PreTrainedTokenizerBase, model: ModelConfig, messages: List[dict]) -> List[int]:
+    """The ids a conversation is decoded from: the model's system prompt, then its chat template (or the raw
+    turns joined when it has none or ``model.chat_template`` is off)."""
+    if model.system_prompt:
+        messages = [{"role": "system", "content": model.system_prompt}] + messages
+    if model.chat_template and getattr(tokenizer, "chat_template", None):
+        return chat_template_ids(tokenizer, messages)
+    text = "\n\n".join(m["content"] for m in messages)
+    return tokenizer(text)["input_ids"]
 
 
 def chat_template_ids(tokenizer: PreTrainedTokenizerBase, messages: List[dict]) -> List[int]:

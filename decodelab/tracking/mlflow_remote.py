@@ -116,6 +116,7 @@ class MlflowRemote:
         self.cfg = cfg
         self.client: Any = None
         self.run_id: Optional[str] = None
+        self.last_step = 0  # summary metrics land on the last step of a run's step series (not back at 0)
 
     def describe(self) -> dict[str, Any]:
         return {"tracking_uri": self.cfg.tracking_uri, "experiment": self.cfg.experiment, "run_id": self.run_id}
@@ -173,6 +174,16 @@ class MlflowRemote:
     def log_sample(self, record: dict) -> None:
         """Nothing per sample: the local jsonl carries them and is uploaded at finish."""
 
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """One point of each metric's step series (loss curves)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.last_step = max(self.last_step, step)
+        rows = [Metric(k, v, now, step) for k, v in summary_metrics(metrics).items()]
+        for chunk in _chunks(rows, METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
     def finish(self, summary: dict, status: str, error: Optional[str], files: list[Path],
                samples: list[dict]) -> None:
         if self.run_id is None:
@@ -191,7 +202,7 @@ class MlflowRemote:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in summary_metrics(summary).items()]
+        metrics = [Metric(k, v, now, self.last_step) for k, v in summary_metrics(summary).items()]
         for chunk in _chunks(metrics, METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
         if error:

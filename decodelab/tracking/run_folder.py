@@ -8,6 +8,7 @@ Layout of a run folder::
     config.yaml       resolved config
     fingerprint.json  environment fingerprint
     samples.jsonl     one json record per decoded prompt, appended as it completes
+    metrics.jsonl     step metrics of a run that has steps (a training run's loss curves), appended
     summary.json      summary metrics plus "status" and "error", written at finish
     tracking.json     run name, tags, remote run ids and failures, extra artifacts (for upload)
 """
@@ -29,6 +30,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 TRACKING_FILE = "tracking.json"
+METRICS_FILE = "metrics.jsonl"
 RUN_FILES = (CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, FINGERPRINT_FILE)
 # A run's status when its folder has config.yaml but no summary.json (killed, or still running), and when
 # summary.json cannot be read (torn by a crash mid-write).
@@ -93,10 +95,13 @@ class LocalRun:
 
     def append_sample(self, record: dict) -> None:
         """One line per sample, flushed and fsynced: durable before the next prompt starts."""
-        f = self._open_samples()
-        f.write(json.dumps(plain(record), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        _append(self._open_samples(), record)
+
+    def append_metrics(self, step: int, metrics: dict) -> None:
+        """One line of step metrics (``{"step": step, ...}``), durable like a sample."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path(METRICS_FILE), "a", encoding="utf-8") as f:
+            _append(f, {"step": step, **metrics})
 
     def close_samples(self) -> None:
         if self._samples is not None:
@@ -111,6 +116,12 @@ class LocalRun:
 
     def write_tracking(self, info: dict) -> None:
         write_json(self.path(TRACKING_FILE), info)
+
+
+def _append(f: IO[str], record: dict) -> None:
+    f.write(json.dumps(plain(record), ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class FolderError(UserError):
@@ -173,8 +184,12 @@ class RunFolder:
         FolderError naming the line."""
         return list(self.iter_samples(strict))
 
-    def iter_samples(self, strict: bool = False) -> Iterator[dict]:
-        path = self.path / SAMPLES_FILE
+    def metrics(self) -> List[dict]:
+        """Rows of metrics.jsonl (``step`` and the metrics), torn lines skipped."""
+        return list(self.iter_samples(name=METRICS_FILE))
+
+    def iter_samples(self, strict: bool = False, name: str = SAMPLES_FILE) -> Iterator[dict]:
+        path = self.path / name
         if not path.is_file():
             return
         with open(path, encoding="utf-8") as f:
@@ -186,7 +201,7 @@ class RunFolder:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     if strict:
-                        raise FolderError(self.path, f"{SAMPLES_FILE} line {lineno} is not valid JSON ({err.msg})") \
+                        raise FolderError(self.path, f"{name} line {lineno} is not valid JSON ({err.msg})") \
                             from None
                     continue
                 yield record

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Optional, Protocol
 
 from decodelab.config import TrackingConfig
 from decodelab.errors import UserError, warn
-from decodelab.tracking.run_folder import CONFIG_FILE, RUN_FILES, LocalRun, RunFolder
+from decodelab.tracking.run_folder import CONFIG_FILE, METRICS_FILE, RUN_FILES, LocalRun, RunFolder
 
 __all__ = ["Tracker", "upload_run", "build_remotes"]
 
@@ -28,6 +28,8 @@ class Remote(Protocol):
               run_dir: Path) -> None: ...
 
     def log_sample(self, record: dict) -> None: ...
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def finish(self, summary: dict, status: str, error: Optional[str], files: list[Path],
                samples: list[dict]) -> None: ...
@@ -121,10 +123,17 @@ class Tracker:
         self.local.append_sample(record)
         self._fanout.call("log_sample", record)
 
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Step metrics (loss curves): one durable line in metrics.jsonl, then the remotes' step series."""
+        self.local.append_metrics(step, metrics)
+        self._fanout.call("log_metrics", step, metrics)
+
     def finish(self, summary: dict, status: str = "FINISHED", error: str | None = None,
                artifacts: Iterable[Path] = ()) -> None:
         """Write summary.json, send summary, files and status to the remotes, and close them."""
         extra = [Path(a).expanduser().resolve() for a in artifacts]
+        if (self.run_dir / METRICS_FILE).is_file():
+            extra.append(self.run_dir / METRICS_FILE)
         self.local.write_summary(summary, status, error)
         self._write_tracking(extra)
         if self._fanout.live:
@@ -172,6 +181,9 @@ def upload_run(run_dir: str | Path, tracking_cfg: TrackingConfig) -> list[str]:
     extra = [Path(a) for a in info.get("artifacts", []) if Path(a).exists()]
     fanout = _Fanout(remotes)
     fanout.call("start", run_name, tags, config, fingerprint, local.run_dir)
+    for row in folder.metrics():
+        step = row.pop("step", 0)
+        fanout.call("log_metrics", int(step), row)
     samples = folder.samples()
     files = [local.run_dir / name for name in RUN_FILES] + extra
     fanout.call("finish", summary, status, error, files, samples)

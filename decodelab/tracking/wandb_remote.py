@@ -85,6 +85,10 @@ class WandbRemote:
         if metrics:
             self.run.log(metrics)
 
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """One point of each metric's step series (loss curves), at the run's own step."""
+        self.run.log({k: v for k, v in metrics.items() if _number(v) is not None}, step=step)
+
     def finish(self, summary: dict, status: str, error: Optional[str], files: list[Path],
                samples: list[dict]) -> None:
         if self.run is None:
