@@ -209,7 +209,7 @@ class MedusaDrafter(Drafter):
         context, draft, _ = pending
         if int(tokens[0]) != context[-1]:
             return
-        ran = _as_run(draft, [int(t) for t in tokens[1:]])
+        ran = as_run(draft, [int(t) for t in tokens[1:]])
         if ran is None:
             return
         try:
@@ -223,7 +223,7 @@ class MedusaDrafter(Drafter):
         self._draft = ran
 
 
-def _as_run(draft: Draft, tokens: List[int]) -> Optional[Draft]:
+def as_run(draft: Draft, tokens: List[int]) -> Optional[Draft]:
     """``draft`` as the engine ran it (``tokens``): itself, or its cut by depth (engine.fit_draft); None: no match."""
     if draft.tokens == tokens:
         return draft

@@ -10,7 +10,8 @@ from decodelab.experiment.compose import VALIDATED_GROUPS, compose, expand_sweep
 from decodelab.experiment.compose import to_run_config
 
 # Options that need a user-supplied value (model.path, task.path) before they validate.
-NEEDS_VALUE = {("model", "hf"): ["model.path=/tmp"], ("task", "jsonl"): ["task.path=x.jsonl"], ("drafter", "medusa"): ["drafter.checkpoint=/tmp"]}
+NEEDS_VALUE = {("model", "hf"): ["model.path=/tmp"], ("task", "jsonl"): ["task.path=x.jsonl"], ("drafter", "medusa"): ["drafter.checkpoint=/tmp"],
+               ("drafter", "eagle"): ["drafter.checkpoint=/tmp"]}
 
 
 def all_options():
