@@ -22,12 +22,14 @@ commands:
   report SWEEP           write Markdown/HTML tables and PNG plots for a sweep folder or MLflow parent run id
   reproduce RUN          re-run a run folder or MLflow run id from its logged config and compare
   simulate RUN_DIR       estimate acceptance of model-free drafters from a run's recorded greedy outputs
+  train-drafter [overrides]  train an EAGLE (train=eagle) or Medusa (train=medusa) head on the target's own answers
 """
 
 # One module per command; each has ``cli(args: List[str]) -> None``.
 DELEGATED = {"run": "decodelab.cli.run", "sweep": "decodelab.cli.sweep", "list": "decodelab.cli.list",
              "upload": "decodelab.cli.upload", "report": "decodelab.cli.report",
-             "reproduce": "decodelab.cli.reproduce", "simulate": "decodelab.cli.simulate"}
+             "reproduce": "decodelab.cli.reproduce", "simulate": "decodelab.cli.simulate",
+             "train-drafter": "decodelab.cli.train"}
 
 
 

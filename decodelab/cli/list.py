@@ -14,5 +14,6 @@ def cli(args: List[str]) -> None:
         raise UserError(f"list takes no arguments, got {' '.join(args)}")
     for group in GROUPS:
         print(f"{group}: {', '.join(group_options(group))}")
+    print(f"train (decodelab train-drafter train=NAME): {', '.join(group_options('train'))}")
     print(f"sweeps (decodelab sweep NAME): {', '.join(available())}")
 

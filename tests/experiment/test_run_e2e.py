@@ -64,6 +64,7 @@ def test_cli_hydra_grammar_and_list(tmp_path):
     listing = _cli(["list"], tmp_path)
     assert listing.returncode == 0
     assert "model:" in listing.stdout and "smollm2-135m" in listing.stdout and "specbench-mini" in listing.stdout
+    assert "train (decodelab train-drafter train=NAME): eagle, medusa" in listing.stdout
 
 
 def test_run_logs_to_mlflow_and_wandb_at_once(tmp_path, monkeypatch):
