@@ -45,8 +45,8 @@ from decodelab.decoding import tree
 from decodelab.decoding.lm import LMAdapter, common_prefix
 from decodelab.decoding.types import Draft
 from decodelab.drafters.base import Drafter
-from decodelab.drafters.medusa import as_run, checkpoint_folder
-from decodelab.errors import ConfigError, check
+from decodelab.drafters.feature_heads import as_run, load_feature_head
+from decodelab.errors import check
 
 HOW_TO_TRAIN = "train one with decodelab train-drafter train=eagle"
 MAX_DEPTH = 64
@@ -125,27 +125,11 @@ class EagleDrafter(Drafter):
 
     def __init__(self, cfg: EagleConfig, *, target=None, loaded=None, **_parts):
         cfg.validate("drafter")
-        from decodelab.models.heads import load_head
-
-        if target is None or loaded is None:
-            raise ConfigError("drafter", "drafter=eagle needs the target model")
         self.cfg = cfg
         self.target = target
-        try:
-            target.check_features()
-        except NotImplementedError as err:
-            raise ConfigError("backend.kv_cache", f"drafter=eagle reads the target's features: {err}") from None
-        if cfg.tree and cfg.top_k > 1:
-            try:
-                target.check_tree_support()
-            except NotImplementedError as err:
-                raise ConfigError("backend.kv_cache", f"drafter=eagle drafts a token tree, which needs tree "
-                                  f"attention in the target: {err}; or use drafter.tree=false (a chain)") from None
-        head, spec = load_head(checkpoint_folder(cfg.checkpoint), loaded.model, loaded.fingerprint,
-                               getattr(loaded, "name", "the target"), kind="eagle")
-        weight = loaded.model.get_output_embeddings().weight
-        self.head = head.to(device=weight.device, dtype=weight.dtype)
-        self.spec = spec
+        self.head, self.spec = load_feature_head("eagle", cfg.checkpoint, target, loaded,
+                                                 tree="drafter.tree=false" if cfg.tree and cfg.top_k > 1 else None)
+        spec = self.spec
         # Input vectors run on the static forward only, and never on its compiled steps: no compile here.
         self.lm = LMAdapter(self.head.decoder, cache="static")
         self.vocab: Optional[torch.Tensor] = None if spec.vocab is None else torch.tensor(spec.vocab, dtype=torch.long)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +35,8 @@ from decodelab.config import DrafterConfig
 from decodelab.decoding import tree
 from decodelab.decoding.types import Draft
 from decodelab.drafters.base import Drafter
-from decodelab.errors import ConfigError, check
+from decodelab.drafters.feature_heads import as_run, load_feature_head
+from decodelab.errors import check
 
 HOW_TO_TRAIN = "train one with decodelab train-drafter train=medusa"
 
@@ -61,17 +61,6 @@ class MedusaConfig(DrafterConfig):
         check(1 <= self.budget <= 1024, f"{key}.budget", f"must be in [1, 1024], got {self.budget}")
         check(self.heads is None or 1 <= self.heads <= 64, f"{key}.heads",
               f"must be in [1, 64] (or null: all), got {self.heads}")
-
-
-def checkpoint_folder(path: str) -> Path:
-    """The checkpoint folder itself, or the ``checkpoint/`` subfolder of a training run folder."""
-    folder = Path(path).expanduser()
-    from decodelab.models.heads import SPEC_FILE
-
-    inner = folder / "checkpoint"
-    if not (folder / SPEC_FILE).is_file() and (inner / SPEC_FILE).is_file():
-        return inner
-    return folder
 
 
 def medusa_tree(logprobs: torch.Tensor, top_k: int, budget: int) -> Tuple[List[int], List[int]]:
@@ -114,27 +103,11 @@ class MedusaDrafter(Drafter):
 
     def __init__(self, cfg: MedusaConfig, *, target=None, loaded=None, pipeline=None, backend=None, **_parts):
         cfg.validate("drafter")
-        from decodelab.models.heads import load_head
-
-        if target is None or loaded is None:
-            raise ConfigError("drafter", "drafter=medusa needs the target model")
         self.cfg = cfg
         self.target = target
-        try:
-            target.check_features()
-        except NotImplementedError as err:
-            raise ConfigError("backend.kv_cache", f"drafter=medusa reads the target's features: {err}") from None
-        if cfg.top_k > 1:
-            try:
-                target.check_tree_support()
-            except NotImplementedError as err:
-                raise ConfigError("backend.kv_cache", f"drafter=medusa drafts a token tree, which needs tree "
-                                  f"attention in the target: {err}; or use drafter.top_k=1 (a chain)") from None
-        head, spec = load_head(checkpoint_folder(cfg.checkpoint), loaded.model, loaded.fingerprint,
-                               getattr(loaded, "name", "the target"), kind="medusa")
-        weight = loaded.model.get_output_embeddings().weight
-        self.heads = head.to(device=weight.device, dtype=weight.dtype)
-        self.spec = spec
+        self.heads, self.spec = load_feature_head("medusa", cfg.checkpoint, target, loaded,
+                                                  tree="drafter.top_k=1" if cfg.top_k > 1 else None)
+        spec = self.spec
         used = spec.num_heads if cfg.heads is None else cfg.heads
         check(used <= spec.num_heads, "drafter.heads",
               f"the checkpoint has {spec.num_heads} heads, got drafter.heads={cfg.heads}")
@@ -221,18 +194,3 @@ class MedusaDrafter(Drafter):
         self._base = context
         self._rows = features.detach().clone()
         self._draft = ran
-
-
-def as_run(draft: Draft, tokens: List[int]) -> Optional[Draft]:
-    """``draft`` as the engine ran it (``tokens``): itself, or its cut by depth (engine.fit_draft); None: no match."""
-    if draft.tokens == tokens:
-        return draft
-    if len(tokens) > len(draft):
-        return None
-    from decodelab.decoding.engine import draft_depth, fit_draft
-
-    for depth in range(draft_depth(draft), -1, -1):
-        cut = fit_draft(draft, depth)
-        if cut.tokens == tokens:
-            return cut
-    return None
