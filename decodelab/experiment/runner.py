@@ -245,6 +245,11 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
     prompts = load_task(run_cfg.task)
     REGISTRY[run_cfg.strategy.name].check_prompts(run_cfg.strategy, prompts)
     execution = code_execution(run_cfg.task, prompts)
+    if getattr(run_cfg.drafter, "checkpoint", None):
+        from decodelab.experiment.checkpoints import resolve_checkpoint
+
+        run_cfg.drafter.checkpoint = resolve_checkpoint(run_cfg.drafter.checkpoint, run_cfg.tracking,
+                                                        run_cfg.model.cache_dir)
     loaded = load_model(run_cfg.model, run_cfg.backend)
     runner = PromptRunner(loaded, run_cfg, execution)
     run_name = run_cfg.run_name or f"{run_cfg.model.name}|{run_cfg.drafter.name}|{run_cfg.strategy.name}|{run_cfg.task.name}"

@@ -145,6 +145,22 @@ def test_mlflow_gets_the_step_series(tmp_path):
     history = client.get_metric_history(run.info.run_id, "held_out/loss")
     assert [m.step for m in history][:2] == [10, 20] and {m.step for m in history} == {10, 20}
     assert run.data.tags["config_hash"] and "steps" in run.data.metrics
+    # drafter.checkpoint may name the training run by its MLflow id: its run folder, else its logged head files.
+    from decodelab.experiment.runner import run as decode
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "run" / "checkpoint")
+    cfg = compose(["model=tiny-random", "drafter=medusa", f"drafter.checkpoint={run.info.run_id}", "task.limit=1",
+                   "task.max_new_tokens=12", "tracking=mlflow", f"tracking.mlflow.tracking_uri={uri}",
+                   f"model.cache_dir={tmp_path / 'cache'}", "baseline=fresh", "progress=false", "print_table=false",
+                   f"output_dir={tmp_path / 'decode'}"])
+    assert decode(cfg)["lossless_rate"] == 1.0
+    assert (tmp_path / "cache" / "checkpoints" / run.info.run_id / "head.json").is_file()
+    cfg = compose(["model=tiny-random", "drafter=medusa", "drafter.checkpoint=" + "0" * 32, "tracking=mlflow",
+                   f"tracking.mlflow.tracking_uri={uri}", f"output_dir={tmp_path / 'never'}"])
+    with pytest.raises(UserError, match="drafter.checkpoint: 0{32} is neither a path nor an MLflow run"):
+        decode(cfg)
 
 
 @pytest.mark.parametrize("overrides,message", [
