@@ -7,7 +7,7 @@ counted once), alpha, losslessness (tokens equal to AR's). Then the draft cost i
 decoder step and one Medusa heads call against one target step, with the trained (trimmed) vocabulary and with
 the target's whole one. The memory bandwidth and the fingerprint are measured in the same run.
 
-    .venv/bin/python benchmarks/trained_drafters.py --eagle runs/train/<eagle run> --medusa runs/train/<medusa run>
+    .venv/bin/python benchmarks/trained_drafters.py --eagle runs/train/<eagle run> [<another>] --medusa runs/train/<medusa run>
 """
 
 from __future__ import annotations
@@ -37,19 +37,23 @@ from decodelab.tasks import load_task  # noqa: E402
 CATEGORIES = ["conversation", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
 
-def contestants(eagle: str, medusa: str) -> dict:
-    return {"ar": ["drafter=none"],
-            "eagle_chain": ["drafter=eagle", f"drafter.checkpoint={eagle}", "drafter.tree=false"],
-            "eagle_tree": ["drafter=eagle", f"drafter.checkpoint={eagle}"],
-            "medusa": ["drafter=medusa", f"drafter.checkpoint={medusa}"],
-            "prompt_lookup": ["drafter=prompt_lookup"], "suffix": ["drafter=suffix"],
-            "token_recycling": ["drafter=token_recycling"]}
+def contestants(eagles: list, medusa: str) -> dict:
+    table = {"ar": ["drafter=none"]}
+    for i, eagle in enumerate(eagles):
+        name = "eagle" if i == 0 else f"eagle{i + 1}"
+        table[f"{name}_chain"] = ["drafter=eagle", f"drafter.checkpoint={eagle}", "drafter.tree=false"]
+        table[f"{name}_tree"] = ["drafter=eagle", f"drafter.checkpoint={eagle}"]
+    table["medusa"] = ["drafter=medusa", f"drafter.checkpoint={medusa}"]
+    table.update({"prompt_lookup": ["drafter=prompt_lookup"], "suffix": ["drafter=suffix"],
+                  "token_recycling": ["drafter=token_recycling"]})
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eagle", required=True, help="EAGLE training run folder or checkpoint")
+    parser.add_argument("--eagle", required=True, nargs="+", help="EAGLE training run folders or checkpoints")
     parser.add_argument("--medusa", required=True, help="Medusa training run folder or checkpoint")
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--per-category", type=int, default=3, help="prompts per category (specbench-mini has 5)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--only", nargs="*", default=None, help="a subset of the contestants (ar always runs)")
@@ -57,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/trained_drafters.json")
     args = parser.parse_args()
 
-    common = ["model=smollm2-135m", "strategy=greedy", "tracking=none", "baseline=none", "progress=false",
+    common = [f"model={args.model}", "strategy=greedy", "tracking=none", "baseline=none", "progress=false",
               f"task.max_new_tokens={args.max_new_tokens}", "output_dir=unused"]
     table = contestants(args.eagle, args.medusa)
     names = ["ar"] + [n for n in table if n != "ar" and (args.only is None or n in args.only)]
@@ -88,7 +92,7 @@ def main() -> None:
             f"{n} {done[n]['tok_s']:.1f}" for n in names) + " tok/s", flush=True)
     gb_s_after = bandwidth_gb_s(torch.device("cpu"))
     summaries = {n: summarize(records[n]) for n in names}
-    costs = draft_costs(loaded, args.eagle, args.medusa)
+    costs = draft_costs(loaded, args.eagle[0], args.medusa)
     floor_ms = weight_bytes(loaded.model) / (max(gb_s, gb_s_after) * 1e9) * 1e3
     fingerprint = environment_fingerprint(seeds={"backend": runs["ar"].backend.seed}, threads=torch.get_num_threads())
     print_results(summaries, names[1:], costs, gb_s, gb_s_after, floor_ms, fingerprint)
@@ -111,7 +115,7 @@ def _median_ms(fn, repeats: int = 30) -> float:
 @torch.inference_mode()
 def draft_costs(loaded, eagle: str, medusa: str, context: int = 256) -> dict:
     """One draft step of each head, in one-token target steps (both at ``context`` cached tokens)."""
-    ids = list(range(100, 100 + context))
+    ids = [(100 + i) % loaded.model.config.vocab_size for i in range(context)]
     target = LMAdapter(loaded.model, cache="static")
     target.reserve(context + 64)
 
