@@ -4,7 +4,7 @@ checks that the target can give them its features (and tree attention), and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from decodelab.decoding.types import Draft
 from decodelab.errors import ConfigError
@@ -43,6 +43,23 @@ def load_feature_head(kind: str, checkpoint: str, target, loaded, tree: Optional
                            getattr(loaded, "name", "the target"), kind=kind)
     weight = loaded.model.get_output_embeddings().weight
     return head.to(device=weight.device, dtype=weight.dtype), spec
+
+
+def verified(context: List[int], draft: Draft, tokens: Sequence[int], target) -> Optional[Tuple[Draft, object]]:
+    """After the verification forward over ``tokens`` = [root] + draft: the draft as the engine ran it and a copy of
+    the target's feature rows of that forward; None when they do not answer the proposal made at ``context``."""
+    if len(tokens) == 0 or int(tokens[0]) != context[-1]:
+        return None
+    ran = as_run(draft, [int(t) for t in tokens[1:]])
+    if ran is None:
+        return None
+    try:
+        features = target.features
+    except NotImplementedError:
+        return None
+    if features.ndim != 2 or features.shape[0] != len(tokens):
+        return None
+    return ran, features.detach().clone()
 
 
 def as_run(draft: Draft, tokens: List[int]) -> Optional[Draft]:

@@ -35,7 +35,7 @@ from decodelab.config import DrafterConfig
 from decodelab.decoding import tree
 from decodelab.decoding.types import Draft
 from decodelab.drafters.base import Drafter
-from decodelab.drafters.feature_heads import as_run, load_feature_head
+from decodelab.drafters.feature_heads import load_feature_head, verified
 from decodelab.errors import check
 
 HOW_TO_TRAIN = "train one with decodelab train-drafter train=medusa"
@@ -177,20 +177,10 @@ class MedusaDrafter(Drafter):
         """The verification forward over [root] + draft ran: keep its feature rows and the draft as run."""
         pending, self._pending = self._pending, None
         self._base, self._rows, self._draft = None, None, Draft(tokens=[], parents=None)
-        if pending is None or len(tokens) == 0:
+        if pending is None:
             return
         context, draft, _ = pending
-        if int(tokens[0]) != context[-1]:
-            return
-        ran = as_run(draft, [int(t) for t in tokens[1:]])
-        if ran is None:
-            return
-        try:
-            features = self.target.features
-        except NotImplementedError:
-            return
-        if features.ndim != 2 or features.shape[0] != len(tokens):
-            return
-        self._base = context
-        self._rows = features.detach().clone()
-        self._draft = ran
+        found = verified(context, draft, tokens, self.target)
+        if found is not None:
+            self._base = context
+            self._draft, self._rows = found
