@@ -58,12 +58,9 @@ class Dataset:
     def vocabulary(self, size: Optional[int], eos: Sequence[int], full: int) -> Optional[List[int]]:
         """The drafter-side vocabulary: the ``size`` most frequent answer tokens of the training split (EOS
         always in; the lowest unseen ids when fewer distinct tokens were seen), sorted by id; None keeps the
-        target's whole head."""
+        target's whole head. ``size`` was checked against ``full`` before the data was made (trainer.train)."""
         if size is None:
             return None
-        if size > full:
-            raise UserError(f"train.vocab_size: {size} is larger than the target's vocabulary ({full}); "
-                            f"allowed: 2..{full} or null (the whole vocabulary)")
         counts = Counter(t for example in self.train for t in example.answer)
         keep = [t for t in eos if 0 <= t < full][:size]
         for token, _ in counts.most_common():
