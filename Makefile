@@ -9,6 +9,8 @@ TEST_STAMP := $(VENV)/.installed-test
 TORCH_SPEC ?= torch==2.13.0
 UV_SPEC ?= uv==0.13.8
 UV := $(BIN)/uv
+# The suite runs in this many pytest-xdist workers (two halve its time on a 2-core machine).
+TEST_WORKERS ?= 2
 
 .PHONY: install quickstart test test-fast clean
 
@@ -36,10 +38,10 @@ quickstart: $(STAMP)
 	$(BIN)/decodelab run experiment=quickstart
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs multirun outputs mlruns.db mlartifacts wandb
