@@ -260,9 +260,12 @@ class TaskConfig:
     # MAUVE per category against the prompts' human-written references (decodelab/experiment/mauve.py; needs the
     # quality extra and at least mauve.MIN_TEXTS references in a category), with the target's own features.
     mauve: bool = False
+    # Requests decoded at once, for engines that batch (engine=vllm); decodelab's own engine decodes one.
+    concurrency: int = 1
 
     def validate(self, key: str = "task") -> None:
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.concurrency >= 1, f"{key}.concurrency", f"must be >= 1, got {self.concurrency}")
         if self.limit is not None:
             check(self.limit >= 1, f"{key}.limit", f"must be >= 1 or null, got {self.limit}")
         if self.max_turns is not None:
@@ -312,6 +315,8 @@ class RunConfig:
     drafter: Any = field(default_factory=lambda: {"name": "none"})
     # Typed by strategies.strategy_config from its ``name`` (each strategy has its own schema).
     strategy: Any = field(default_factory=lambda: {"name": "greedy"})
+    # Typed by engines.registry.engine_config from its ``name``: what decodes (decodelab's loop, transformers, vLLM).
+    engine: Any = field(default_factory=lambda: {"name": "decodelab"})
     task: TaskConfig = field(default_factory=TaskConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: str = "default"
@@ -333,7 +338,7 @@ class RunConfig:
     resume_dir: Optional[str] = None
 
     def validate(self) -> None:
-        for part in ("model", "backend", "drafter", "strategy", "task", "tracking"):
+        for part in ("model", "backend", "drafter", "strategy", "engine", "task", "tracking"):
             getattr(self, part).validate(part)
         _one_of("baseline", self.baseline, ("cached", "fresh", "none"))
 

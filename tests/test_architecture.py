@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "decodelab"
 # Lowest first: a module may import from its own layer and the layers before it.
 LAYERS = ["decodelab", "decodelab.errors", "decodelab.config", "decodelab.decoding", "decodelab.kernels",
-          "decodelab.models", "decodelab.drafters", "decodelab.tasks", "decodelab.strategies", "decodelab.tracking",
+          "decodelab.models", "decodelab.drafters", "decodelab.tasks", "decodelab.strategies", "decodelab.engines",
+          "decodelab.tracking",
           "decodelab.experiment", "decodelab.training", "decodelab.analysis", "decodelab.sweeps", "decodelab.cli"]
 # The decoding core is torch and transformers only: no schema, no config, no experiment.
 DECODING_MAY_IMPORT = ("decodelab.decoding", "decodelab.kernels", "decodelab.errors")

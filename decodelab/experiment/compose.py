@@ -15,10 +15,10 @@ from omegaconf.errors import OmegaConfBaseException
 from decodelab.config import RunConfig
 from decodelab.errors import UserError, one_line, warn
 
-GROUPS = ("model", "backend", "drafter", "strategy", "task", "tracking", "launcher", "experiment")
+GROUPS = ("model", "backend", "drafter", "strategy", "engine", "task", "tracking", "launcher", "experiment")
 # The groups of each primary config: config (a run), train_drafter (decodelab train-drafter).
 CONFIG_GROUPS = {"config": GROUPS, "train_drafter": ("model", "backend", "task", "tracking", "train")}
-VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "task", "tracking")
+VALIDATED_GROUPS = ("model", "backend", "drafter", "strategy", "engine", "task", "tracking")
 MAX_PREFLIGHT_JOBS = 1024
 
 
@@ -72,17 +72,17 @@ def check_run_keys(cfg: DictConfig) -> None:
     typed config would drop without a word)."""
     from decodelab.config import check_keys
     from decodelab.drafters.registry import check_drafter_keys
+    from decodelab.engines.registry import check_engine_keys
     from decodelab.strategies.registry import check_strategy_keys
 
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)  # type: ignore[union-attr]
-    drafter = plain.pop("drafter", None)  # type: ignore[union-attr]
-    strategy = plain.pop("strategy", None)  # type: ignore[union-attr]
+    blocks = {"drafter": check_drafter_keys, "strategy": check_strategy_keys, "engine": check_engine_keys}
+    nodes = {group: plain.pop(group, None) for group in blocks}  # type: ignore[union-attr]
     check_keys(plain, RunConfig)
-    if isinstance(drafter, dict):
-        check_drafter_keys(drafter)
-    if isinstance(strategy, dict):
-        check_strategy_keys(strategy)
+    for group, check_block in blocks.items():
+        if isinstance(nodes[group], dict):
+            check_block(nodes[group])
 
 
 def _group_hint(message: str) -> str:
@@ -103,6 +103,7 @@ def validate(cfg: DictConfig) -> None:
     """Types, ranges and availability of everything a run needs, without loading a model."""
     from decodelab.models.loading import check_model_available, resolve_device
     from decodelab.drafters.registry import drafter_config
+    from decodelab.engines.registry import check_engine, engine_config
     from decodelab.experiment.quality import code_execution
     from decodelab.strategies.registry import REGISTRY as STRATEGIES
     from decodelab.strategies.registry import check_pairing, strategy_config
@@ -119,11 +120,14 @@ def validate(cfg: DictConfig) -> None:
             parts[group] = drafter_config(parts[group])
         if group == "strategy":
             parts[group] = strategy_config(parts[group])
+        if group == "engine":
+            parts[group] = engine_config(parts[group])
         parts[group].validate(group)
     run = RunConfig(**parts, baseline=cfg.get("baseline", "cached"), draft_length=cfg.get("draft_length", None))
     apply_draft_length(run)
     run.validate()
     check_pairing(run.strategy, run.drafter.name, run.backend)
+    check_engine(run)
     resolve_device(run.backend)
     check_kernels(run.backend, run.strategy)
     for model in [run.model] + STRATEGIES[run.strategy.name].models(run.strategy):
@@ -237,6 +241,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     from decodelab.drafters.registry import REGISTRY
+    from decodelab.engines.registry import REGISTRY as ENGINES
     from decodelab.strategies.registry import REGISTRY as STRATEGIES
 
     store = ConfigStore.instance()
@@ -245,11 +250,14 @@ def register_configs() -> None:
         store.store(group=f"{SCHEMA_GROUP}/drafter", name=name, node=drafter.config_class)
     for name, strategy in STRATEGIES.items():
         store.store(group=f"{SCHEMA_GROUP}/strategy", name=name, node=strategy.config_class(name=name))
+    for name, engine in ENGINES.items():
+        store.store(group=f"{SCHEMA_GROUP}/engine", name=name, node=engine.config_class)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve, type and validate a composed config; raises UserError on bad values."""
     from decodelab.drafters.registry import drafter_config
+    from decodelab.engines.registry import check_engine, engine_config
     from decodelab.strategies.registry import check_pairing, strategy_config
 
     check_run_keys(cfg)
@@ -259,9 +267,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise UserError(one_line(err, allowed_keys)) from None
     run.drafter = drafter_config(run.drafter)
     run.strategy = strategy_config(run.strategy)
+    run.engine = engine_config(run.engine)
     apply_draft_length(run)
     run.validate()
     check_pairing(run.strategy, run.drafter.name, run.backend)
+    check_engine(run)
     return run
 
 

@@ -6,7 +6,8 @@ import resource
 import sys
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,10 @@ from decodelab.decoding.static import BUCKETS
 from decodelab.decoding.logits import LogitsPipeline
 from decodelab.decoding.stop import StopCriteria
 from decodelab.decoding.types import Generation
-from decodelab.drafters.registry import build_drafter
+from decodelab.drafters.registry import build_drafter, drafter_config
+from decodelab.engines.base import Request
+from decodelab.engines.native import NativeEngine
+from decodelab.engines.registry import build_engine
 from decodelab.experiment.baseline import BaselineCache, Baseline, divergence
 from decodelab.experiment.compose import to_run_config
 from decodelab.experiment.metrics import list_metrics, sample_timing, summarize
@@ -34,6 +38,7 @@ from decodelab.experiment.quality import code_execution, score
 from decodelab.experiment.sandbox import ISOLATED
 
 
+NATIVE = NativeEngine.name
 # Cache slots beyond prompt + max_new_tokens: the longest draft a step may verify past the last token.
 RESERVE_SLACK = 64
 # Cache slots made up front: most prompts + answers fit, so a compiled step is compiled once per run.
@@ -68,13 +73,19 @@ class PromptRunner:
         # Compile time (backend.compile) is paid here, before any prompt is timed, and reported apart.
         self.compile_s = self.target.warmup((1,) if run.drafter.name == "none" else BUCKETS)
         self.pipeline = LogitsPipeline(run.strategy, kernels=build_kernels(run.backend, run.strategy))
-        self.drafter = build_drafter(run.drafter, target=self.target, loaded=loaded, pipeline=self.pipeline,
-                                     backend=run.backend)
+        self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
+        native = run.engine.name == NATIVE
+        # Another engine drafts for itself: our target then serves only the AR baseline and the divergence check.
+        self.drafter = build_drafter(run.drafter if native else drafter_config({"name": "none"}), target=self.target,
+                                     loaded=loaded, pipeline=self.pipeline, backend=run.backend)
+        self.engine = build_engine(run.engine, run=run, loaded=loaded, stop=self.stop, target=self.target,
+                                   strategy=self.strategy, pipeline=self.pipeline, drafter=self.drafter)
         self.compile_s += self.drafter.prepare(RESERVED_SLOTS)  # a draft model's cache and compiled steps
         self.compile_s += self.strategy.prepare(RESERVED_SLOTS)  # e.g. MBR's utility, warmed up
-        self.stop = StopCriteria(self.tokenizer, eos_ids(loaded), run.task.stop_strings, run.task.max_new_tokens)
         self.seed = run.strategy.seed if run.strategy.seed is not None else run.backend.seed
-        self.baseline = self._baseline_cache() if run.drafter.name != "none" and run.baseline != "none" else None
+        # Another engine is checked against decodelab's AR even without a drafter: losslessness across engines.
+        needed = run.drafter.name != "none" or not native
+        self.baseline = self._baseline_cache() if needed and run.baseline != "none" else None
 
     def _baseline_cache(self) -> BaselineCache:
         """The AR baseline of this exact config, cached per everything that changes its tokens or timings.
@@ -115,41 +126,48 @@ class PromptRunner:
         return generator
 
     def run_prompt(self, index: int, prompt: Prompt) -> dict:
+        return self.run_batch([(index, prompt)])[0]
+
+    def run_batch(self, batch: List[Tuple[int, Prompt]]) -> List[dict]:
+        """Decode prompts together (the engine gets every prompt's turn t at once; task.concurrency of them), each
+        turn answered after the model's own previous answers; one record per prompt."""
         _reset_peak_memory(self.target.device)
-        messages: List[dict] = []
-        turns: List[Generation] = []
-        prompt_tokens: List[List[int]] = []
-        outputs: List[str] = []
-        baselines: List[Baseline] = []
-        divergences: List[Optional[dict]] = []
-        for turn_index, turn in enumerate(prompt.turns):
-            messages.append({"role": "user", "content": turn})
-            input_ids = self.encode(messages)
-            prompt_tokens.append(list(input_ids))
-            slots = len(input_ids) + self.run.task.max_new_tokens + RESERVE_SLACK
-            self.compile_s += self.target.reserve(slots) + self.drafter.prepare(slots) + self.strategy.prepare(slots)
-            self.strategy.begin(input_ids, self._without_context(prompt, messages))
-            seed = self.seed_for(prompt, turn_index)
-            if self.baseline is not None:
-                baselines.append(self.baseline.get(input_ids, seed))
-            # Every decode starts from an empty cache: equal footing for baseline, drafters and turns.
-            self.target.reset()
-            generation = self.strategy.generate(self.target, input_ids, pipeline=self.pipeline, drafter=self.drafter,
-                                                stop=self.stop, generator=self.generator_for(seed))
-            if baselines and self.pipeline.greedy:
-                divergences.append(divergence(self.target, input_ids, baselines[-1].tokens, generation.tokens))
-            text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-            text = _cut_at_stop_string(text, self.run.task.stop_strings)
-            messages.append({"role": "assistant", "content": text})
-            turns.append(generation)
-            outputs.append(text)
+        states = [_Conversation() for _ in batch]
+        for turn_index in range(max(len(prompt.turns) for _, prompt in batch)):
+            live = [(state, prompt) for state, (_, prompt) in zip(states, batch) if turn_index < len(prompt.turns)]
+            requests = []
+            for state, prompt in live:
+                state.messages.append({"role": "user", "content": prompt.turns[turn_index]})
+                input_ids = self.encode(state.messages)
+                state.prompt_tokens.append(list(input_ids))
+                slots = len(input_ids) + self.run.task.max_new_tokens + RESERVE_SLACK
+                self.compile_s += self.target.reserve(slots) + self.drafter.prepare(slots) + self.strategy.prepare(slots)
+                self.strategy.begin(input_ids, self._without_context(prompt, state.messages))
+                seed = self.seed_for(prompt, turn_index)
+                if self.baseline is not None:
+                    state.baselines.append(self.baseline.get(input_ids, seed))
+                requests.append(Request(list(input_ids), seed))
+            for (state, _), request, generation in zip(live, requests, self.engine.generate(requests)):
+                if state.baselines and self.pipeline.greedy:
+                    state.divergences.append(divergence(self.target, request.ids, state.baselines[-1].tokens,
+                                                        generation.tokens))
+                text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+                text = _cut_at_stop_string(text, self.run.task.stop_strings)
+                state.messages.append({"role": "assistant", "content": text})
+                state.turns.append(generation)
+                state.outputs.append(text)
+        return [self._record(index, prompt, state) for (index, prompt), state in zip(batch, states)]
+
+    def _record(self, index: int, prompt: Prompt, state: "_Conversation") -> dict:
+        turns, baselines, divergences = state.turns, state.baselines, state.divergences
         record = {
             "index": index, "id": prompt.id, "category": prompt.category, "turns": prompt.turns,
-            "outputs": outputs, "reference": prompt.reference,
-            "prompt_tokens": prompt_tokens, "output_tokens": [g.tokens for g in turns], "stop_reasons": [g.stop_reason for g in turns],
+            "outputs": state.outputs, "reference": prompt.reference,
+            "prompt_tokens": state.prompt_tokens, "output_tokens": [g.tokens for g in turns],
+            "stop_reasons": [g.stop_reason for g in turns],
             **sample_timing(turns),
             "peak_mem_mb": _peak_memory_mb(self.target.device),
-            "quality": score(prompt, "\n".join(outputs), self.execution or ISOLATED),
+            "quality": score(prompt, "\n".join(state.outputs), self.execution or ISOLATED),
             "steps": [s.to_list() for g in turns for s in g.steps],
             "lossy": any(getattr(g, "lossy", False) for g in turns),
         }
@@ -164,6 +182,18 @@ class PromptRunner:
             record["lossless"] = all(d is None for d in divergences)
             record["divergences"] = [dict(turn=i, **d) for i, d in enumerate(divergences) if d is not None]
         return record
+
+
+@dataclass
+class _Conversation:
+    """One prompt's turns so far, while a batch is decoded."""
+
+    messages: List[dict] = field(default_factory=list)
+    prompt_tokens: List[List[int]] = field(default_factory=list)
+    outputs: List[str] = field(default_factory=list)
+    turns: List[Generation] = field(default_factory=list)
+    baselines: List[Baseline] = field(default_factory=list)
+    divergences: List[Optional[dict]] = field(default_factory=list)
 
 
 def encode_messages(tokenizer: PreTrainedTokenizerBase, model: ModelConfig, messages: List[dict]) -> List[int]:
@@ -337,19 +367,32 @@ def record_failure(cfg: DictConfig, output_dir: str, error: str) -> None:
 
 
 def _progress(prompts: List[Prompt], runner: PromptRunner, enabled: bool, done: Dict[str, dict]):
-    """Records in prompt order; a prompt already in ``done`` (recorded by an interrupted run of this
-    config) is taken from there instead of being decoded again."""
+    """Records in prompt order (task.concurrency prompts decoded together); a prompt already in ``done``
+    (recorded by an interrupted run of this config) is taken from there instead of being decoded again."""
     from tqdm import tqdm
 
+    size = runner.run.task.concurrency
     tokens = 0
     wall = 0.0
-    bar = tqdm(prompts, desc="decoding", unit="prompt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-    for index, prompt in enumerate(bar):
+    bar = tqdm(total=len(prompts), desc="decoding", unit="prompt", disable=not enabled, file=sys.stderr,
+               dynamic_ncols=True)
+    pending: List[Tuple[int, Prompt]] = []
+    for index, prompt in enumerate(prompts):
         if prompt.id in done:
+            bar.update(1)
             yield {**done[prompt.id], "index": index, "resumed": True}
             continue
-        record = runner.run_prompt(index, prompt)
-        tokens += record["new_tokens"]
-        wall += record["wall_s"]
-        bar.set_postfix_str(f"{tokens / wall:.1f} tok/s" if wall > 0 else "")
-        yield record
+        pending.append((index, prompt))
+        if len(pending) < size and index < len(prompts) - 1:
+            continue
+        records = [runner.run_prompt(*pending[0])] if size == 1 else runner.run_batch(pending)
+        pending = []
+        for record in records:
+            tokens += record["new_tokens"]
+            wall += record["wall_s"]
+            bar.update(1)
+            bar.set_postfix_str(f"{tokens / wall:.1f} tok/s" if wall > 0 else "")
+            yield record
+    if pending:
+        yield from runner.run_batch(pending)
+    bar.close()

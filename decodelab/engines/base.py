@@ -1,0 +1,79 @@
+"""The engine interface: start once, decode batches of requests into :class:`Generation` records, close.
+
+A :class:`Generation` is what every metric is computed from (decodelab/experiment/metrics.py), so an engine's
+only job beyond decoding is to fill it honestly: tokens, TTFT and wall time, one :class:`StepRecord` per
+verification step (drafted, accepted, bonus) where the engine exposes them, and its forward counts. Each engine
+documents beside its code how its own counters map onto these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+from decodelab.decoding.stop import StopCriteria
+from decodelab.decoding.types import Generation
+from decodelab.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    # The registry key (conf/engine/<name>.yaml); each engine's schema subclasses this one.
+    name: str = "decodelab"
+
+    def validate(self, key: str = "engine") -> None:
+        """Ranges of the engine's own fields (what it can serve of the run is :meth:`Engine.check`)."""
+
+
+@dataclass
+class Request:
+    """One turn to decode: the prompt's token ids (chat template applied by the runner, the same for every
+    engine) and the seed of its sampling."""
+
+    ids: List[int]
+    seed: int
+
+
+class Engine:
+    """Base class. ``batched`` engines decode up to ``task.concurrency`` requests at once."""
+
+    name: str = ""
+    config_class: type = EngineConfig
+    batched: bool = False
+    # Installation hint for an engine whose package is missing (None: nothing beyond decodelab's core).
+    install_hint: str = ""
+
+    @classmethod
+    def check(cls, run) -> None:
+        """Refuse, in one line naming the option and the engine, what of ``run`` this engine cannot serve
+        (called at validation, before any model loads)."""
+        if run.task.concurrency > 1 and not cls.batched:
+            raise ConfigError("task.concurrency", f"engine={cls.name} decodes one request at a time; "
+                                                  f"got {run.task.concurrency}, use 1 or a batching engine (vllm)")
+
+    def __init__(self, cfg: EngineConfig, *, run, loaded, stop: StopCriteria, **_parts):
+        self.cfg = cfg
+        self.run = run
+        self.loaded = loaded
+        self.stop = stop
+        self.start_s = 0.0  # start-up time, apart from any sample's timing
+
+    def generate(self, requests: Sequence[Request]) -> List[Generation]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine (its processes, caches); called once when the process is done with it."""
+
+
+def refuse(key: str, engine: str, what: str, served: Sequence[str]) -> ConfigError:
+    """The one line an engine gives for an option it cannot serve."""
+    return ConfigError(key, f"engine={engine} cannot serve {what}; it serves: {', '.join(served)}")
+
+
+def cut(tokens: List[int], stop: StopCriteria) -> tuple:
+    """``tokens`` as decodelab's stop rule keeps them (the first EOS or stop string, or the budget) and why."""
+    ended = stop.check(tokens, len(tokens))
+    if ended is None:
+        return tokens, "max_new_tokens" if len(tokens) >= stop.max_new_tokens else "engine"
+    keep, reason = ended
+    return tokens[:keep], reason
