@@ -72,7 +72,10 @@ def _load_model(cfg: ModelConfig, backend: BackendConfig) -> LoadedModel:
     dtype = DTYPES[backend.dtype]
     if cfg.source == "tiny_random":
         model, tokenizer = build_tiny_random(cfg)
-        fingerprint = f"tiny_random:{cfg.architecture}:{cfg.init_seed}:{cfg.vocab_size}x{cfg.hidden_size}x{cfg.num_layers}"
+        # Every field that shapes the weights (a cached baseline or an exported copy is keyed by it).
+        fingerprint = (f"tiny_random:{cfg.architecture}:{cfg.init_seed}:{cfg.vocab_size}x{cfg.hidden_size}x"
+                       f"{cfg.intermediate_size}x{cfg.num_layers}x{cfg.num_heads}x{cfg.num_kv_heads}"
+                       f"x{cfg.max_position_embeddings}")
     elif cfg.source == "hf":
         model, tokenizer = _load_hf(cfg, dtype, backend.attn_implementation)
         fingerprint = f"hf:{cfg.path}@{cfg.revision or 'default'}"
