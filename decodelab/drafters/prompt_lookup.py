@@ -3,6 +3,8 @@
 Training-free and deterministic. The last n tokens of the context (n from ``max_ngram_size`` down to
 ``min_ngram_size``) are looked up in the prompt and the text generated so far; the tokens that followed
 their most recent earlier occurrence are the draft (a chain, at most ``num_speculative_tokens`` long).
+``occurrence=earliest`` takes the first occurrence instead: the rule of transformers' prompt lookup and of
+vLLM's ``ngram`` proposer, so the same algorithm can run on every engine.
 
 Unlike transformers (which rescans the whole context with ``unfold`` every step and takes the first,
 i.e. earliest, occurrence), this keeps an incremental index: one dict per n from n-gram to the start of
@@ -23,6 +25,9 @@ from decodelab.drafters.base import Drafter
 from decodelab.errors import check
 
 
+OCCURRENCES = ("latest", "earliest")
+
+
 @dataclass
 class PromptLookupConfig(DrafterConfig):
     name: str = "prompt_lookup"
@@ -31,6 +36,9 @@ class PromptLookupConfig(DrafterConfig):
     # The n-gram sizes matched against the context, longest first.
     max_ngram_size: int = 3
     min_ngram_size: int = 1
+    # Which earlier occurrence of the matched n-gram drafts: "latest" (the most recent) or "earliest" (the
+    # first; transformers' and vLLM's rule).
+    occurrence: str = "latest"
 
     def set_draft_length(self, length: int) -> None:
         self.num_speculative_tokens = length
@@ -42,17 +50,21 @@ class PromptLookupConfig(DrafterConfig):
         check(self.min_ngram_size >= 1, f"{key}.min_ngram_size", f"must be >= 1, got {self.min_ngram_size}")
         check(self.min_ngram_size <= self.max_ngram_size, f"{key}.min_ngram_size",
               f"must be <= drafter.max_ngram_size={self.max_ngram_size}, got {self.min_ngram_size}")
+        check(self.occurrence in OCCURRENCES, f"{key}.occurrence",
+              f"must be one of {', '.join(OCCURRENCES)}, got '{self.occurrence}'")
 
 
 class NgramIndex:
-    """For each n in ``sizes``: n-gram -> start of its latest occurrence followed by at least one token.
+    """For each n in ``sizes``: n-gram -> start of its latest (``earliest``: first) occurrence followed by at
+    least one token.
 
     ``extend`` indexes the n-grams that end before the last token of ``tokens``; the n-gram ending at
     the very end has no continuation yet and is indexed once a token follows it.
     """
 
-    def __init__(self, sizes: Sequence[int]):
+    def __init__(self, sizes: Sequence[int], earliest: bool = False):
         self.sizes = list(sizes)
+        self.earliest = earliest
         self.tables: Dict[int, Dict[Tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.tokens: List[int] = []
 
@@ -66,7 +78,9 @@ class NgramIndex:
                 start = end - n
                 if start < 0:
                     break  # sizes are ascending
-                self.tables[n][tuple(tokens[start:end])] = start
+                key = tuple(tokens[start:end])
+                if not (self.earliest and key in self.tables[n]):
+                    self.tables[n][key] = start
 
     def lookup(self, n: int, key: Tuple[int, ...]) -> int:
         return self.tables[n].get(key, -1)
@@ -81,16 +95,16 @@ class PromptLookupDrafter(Drafter):
 
     def __init__(self, cfg: PromptLookupConfig, **_parts):
         self.cfg = cfg
-        self._index = NgramIndex(range(cfg.min_ngram_size, cfg.max_ngram_size + 1))
+        self._index = NgramIndex(range(cfg.min_ngram_size, cfg.max_ngram_size + 1), cfg.occurrence == "earliest")
 
     def reset(self, prompt_ids: Sequence[int]) -> None:
-        self._index = NgramIndex(self._index.sizes)
+        self._index = NgramIndex(self._index.sizes, self._index.earliest)
 
     def _sync(self, context: List[int]) -> None:
         """Index the tokens added since the last call; rebuild when the context is not an extension."""
         indexed = self._index.tokens
         if len(context) < len(indexed) or context[:len(indexed)] != indexed:
-            self._index = NgramIndex(self._index.sizes)
+            self._index = NgramIndex(self._index.sizes, self._index.earliest)
             indexed = self._index.tokens
         if len(context) > len(indexed):
             self._index.extend(context[len(indexed):])

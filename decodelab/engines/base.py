@@ -70,6 +70,30 @@ def refuse(key: str, engine: str, what: str, served: Sequence[str]) -> ConfigErr
     return ConfigError(key, f"engine={engine} cannot serve {what}; it serves: {', '.join(served)}")
 
 
+# The strategies another engine's sampler has: the logits pipeline's sampling family, verified losslessly.
+SAMPLING_STRATEGIES = ("greedy", "sample", "top_p", "min_p")
+
+
+def check_served(run, engine: str, drafters: Sequence[str], strategies: Sequence[str] = SAMPLING_STRATEGIES) -> None:
+    """The refusals every engine other than decodelab's shares: the drafter and strategy it maps, lossless
+    acceptance, prompt lookup's first-occurrence rule, and none of decodelab's own kernels or static cache
+    (the engine brings its own)."""
+    drafter, strategy, backend = run.drafter, run.strategy, run.backend
+    if drafter.name not in drafters:
+        raise refuse("drafter", engine, f"drafter={drafter.name}", drafters)
+    if strategy.name not in strategies:
+        raise refuse("strategy", engine, f"strategy={strategy.name}", strategies)
+    if strategy.acceptance != "lossless":
+        raise refuse("strategy.acceptance", engine, f"acceptance={strategy.acceptance}", ("lossless",))
+    if drafter.name == "prompt_lookup" and drafter.occurrence != "earliest":  # transformers' and vLLM's n-gram rule
+        raise refuse("drafter.occurrence", engine, f"occurrence={drafter.occurrence} (its n-gram lookup drafts from "
+                     "the first occurrence)", ("earliest",))
+    if backend.kernels != "torch":
+        raise refuse("backend.kernels", engine, f"kernels={backend.kernels}", ("torch",))
+    if backend.kv_cache == "static":
+        raise refuse("backend.kv_cache", engine, "kv_cache=static (decodelab's own cache)", ("auto", "dynamic"))
+
+
 def cut(tokens: List[int], stop: StopCriteria) -> tuple:
     """``tokens`` as decodelab's stop rule keeps them (the first EOS or stop string, or the budget) and why."""
     ended = stop.check(tokens, len(tokens))

@@ -26,15 +26,16 @@ from tests.helpers.decoding import assert_bad_value_is_named, assert_registered_
 # ---------------------------------------------------------------------------------------------------
 # brute-force references
 # ---------------------------------------------------------------------------------------------------
-def pld_reference(context: Sequence[int], k: int, max_n: int, min_n: int) -> List[int]:
-    """Rescan the whole context: latest earlier occurrence of the longest matching suffix n-gram."""
+def pld_reference(context: Sequence[int], k: int, max_n: int, min_n: int, earliest: bool = False) -> List[int]:
+    """Rescan the whole context: latest (or first) earlier occurrence of the longest matching suffix n-gram."""
     context = list(context)
     length = len(context)
     for n in range(max_n, min_n - 1, -1):
         if n >= length:
             continue
         key = context[length - n:]
-        for start in range(length - n - 1, -1, -1):
+        starts = range(length - n - 1, -1, -1)
+        for start in (reversed(starts) if earliest else starts):
             if context[start:start + n] == key:
                 return context[start + n:start + n + k]
     return []
@@ -135,18 +136,26 @@ def test_pld_draft_is_deterministic_chain():
     assert draft.probs is None and draft.forwards == 0 and draft.tokens == [2, 1]
 
 
+def test_pld_earliest_occurrence():
+    # token 5 occurs twice before the end: the first occurrence (followed by 1, 2) wins.
+    assert pld(max_ngram_size=1, num_speculative_tokens=2, occurrence="earliest").propose(
+        [5, 1, 2, 7, 5, 8, 9, 3, 5]).tokens == [1, 2]
+
+
+@pytest.mark.parametrize("occurrence", ["latest", "earliest"])
 @pytest.mark.parametrize("sizes", [(3, 1), (4, 2), (1, 1)])
-def test_pld_incremental_index_equals_rescan(sizes):
+def test_pld_incremental_index_equals_rescan(sizes, occurrence):
     max_n, min_n = sizes
     rng = random.Random(1234 + max_n)
-    drafter = pld(max_ngram_size=max_n, min_ngram_size=min_n, num_speculative_tokens=5)
+    earliest = occurrence == "earliest"
+    drafter = pld(max_ngram_size=max_n, min_ngram_size=min_n, num_speculative_tokens=5, occurrence=occurrence)
     checked = 0
     for _ in range(60):
         vocab = rng.choice([2, 3, 5, 12])
         context = [rng.randrange(vocab) for _ in range(rng.randrange(0, 15))]
         drafter.reset(context)
         for _ in range(25):
-            assert drafter.propose(context).tokens == pld_reference(context, 5, max_n, min_n), context
+            assert drafter.propose(context).tokens == pld_reference(context, 5, max_n, min_n, earliest), context
             checked += 1
             roll = rng.random()
             if roll < 0.1:  # not an extension: an edited context must rebuild the index
@@ -324,6 +333,7 @@ def test_registered_with_yaml_defaults():
     ("drafter.max_ngram_size=0", "drafter.max_ngram_size"),
     ("drafter.min_ngram_size=4", "drafter.min_ngram_size"),
     ("drafter.num_speculative_tokens=0", "drafter.num_speculative_tokens"),
+    ("drafter.occurrence=last", "drafter.occurrence"),
 ])
 def test_pld_bad_values_name_the_key(override, key):
     assert_bad_value_is_named("prompt_lookup", override, key)

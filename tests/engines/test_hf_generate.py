@@ -31,7 +31,7 @@ def test_every_engine_is_registered():
     assert {"decodelab", "hf_generate"} <= set(REGISTRY)
 
 
-@pytest.mark.parametrize("drafter", ["none", "prompt_lookup"])
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
 def test_greedy_tokens_equal_decodelab_ar_and_steps_add_up(tmp_path, drafter):
     summary, samples = decode(tmp_path, "engine=hf_generate", f"drafter={drafter}")
     assert summary["lossless_rate"] == 1.0  # token for token against decodelab's AR (the fresh baseline)
@@ -44,7 +44,7 @@ def test_greedy_tokens_equal_decodelab_ar_and_steps_add_up(tmp_path, drafter):
         if drafter == "none":
             assert all(s[0] == 0 for s in steps) and sample["target_forwards"] == sample["new_tokens"]
             assert prefill == len(sample["turns"])
-    if drafter == "prompt_lookup":
+    if drafter == "ngram":
         assert summary["acceptance_rate"] > 0 and summary["mean_accepted_length"] > 1.0
 
 
@@ -84,7 +84,8 @@ def test_sampling_is_seeded_per_prompt(tmp_path):
     (["strategy=beam"], ["strategy", "engine=hf_generate", "strategy=beam", "greedy"]),
     (["backend.compile=true"], ["backend.compile", "engine=hf_generate"]),
     (["task.concurrency=4"], ["task.concurrency", "engine=hf_generate", "one request at a time"]),
-    (["drafter=prompt_lookup", "drafter.min_ngram_size=2"], ["drafter.min_ngram_size", "engine=hf_generate"]),
+    (["drafter=ngram", "drafter.min_ngram_size=2"], ["drafter.min_ngram_size", "engine=hf_generate"]),
+    (["drafter=prompt_lookup"], ["drafter.occurrence", "engine=hf_generate", "occurrence=latest", "earliest"]),
     (["drafter=layer_skip", "drafter.skip_layers=[1]"], ["drafter.skip_layers", "engine=hf_generate"]),
     (["drafter=layer_skip", "drafter.length.policy=ucb"], ["drafter.length.policy", "policy=ucb", "fixed"]),
 ])

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict
 
-from decodelab.engines.base import EngineConfig, refuse
+from decodelab.engines.base import EngineConfig, check_served, refuse
 
 DRAFTERS = ("none", "prompt_lookup", "draft_model", "layer_skip")
-STRATEGIES = ("greedy", "sample", "top_p", "min_p")
 # Our draft-length policies that transformers' assisted generation has: a constant number of candidates.
 LENGTH_POLICIES = ("fixed",)
 # Sampling fields with the same meaning in transformers' GenerationConfig (logits processors in the same order).
@@ -24,19 +23,10 @@ class HFGenerateConfig(EngineConfig):
 def check_run(run) -> None:
     """What transformers' generate cannot serve of ``run``, refused in one line naming the option."""
     engine = "hf_generate"
-    drafter, strategy, backend = run.drafter, run.strategy, run.backend
-    if drafter.name not in DRAFTERS:
-        raise refuse("drafter", engine, f"drafter={drafter.name}", DRAFTERS)
-    if strategy.name not in STRATEGIES:
-        raise refuse("strategy", engine, f"strategy={strategy.name}", STRATEGIES)
-    if strategy.acceptance != "lossless":
-        raise refuse("strategy.acceptance", engine, f"acceptance={strategy.acceptance}", ("lossless",))
+    drafter, backend = run.drafter, run.backend
+    check_served(run, engine, DRAFTERS)
     if backend.compile:
         raise refuse("backend.compile", engine, "compile=true (decodelab's compiled static steps)", ("false",))
-    if backend.kernels != "torch":
-        raise refuse("backend.kernels", engine, f"kernels={backend.kernels}", ("torch",))
-    if backend.kv_cache == "static":
-        raise refuse("backend.kv_cache", engine, "kv_cache=static (decodelab's own cache)", ("auto", "dynamic"))
     if drafter.name == "prompt_lookup" and drafter.min_ngram_size != 1:
         raise refuse("drafter.min_ngram_size", engine, f"min_ngram_size={drafter.min_ngram_size} "
                      "(transformers tries every n-gram size down to 1)", ("1",))
