@@ -46,7 +46,20 @@ def summarize(samples: Iterable[dict]) -> Dict[str, float]:
         for key, value in _aggregate(group).items():
             summary[f"{key}/{category}"] = value
         summary[f"num_samples/{category}"] = len(group)
+    summary.update(_batched(samples))
     return summary
+
+
+def _batched(samples: List[dict]) -> Dict[str, float]:
+    """Throughput of requests decoded together: all new tokens over the batches' engine time (each batch
+    counted once). Overall only, since a batch mixes categories; equal to throughput_tok_s, up to the
+    engine's own overhead, when requests go one at a time."""
+    if not samples or not all("batch_engine_s" in s for s in samples):
+        return {}
+    seconds = {(bool(s.get("resumed")), s["batch"]): s["batch_engine_s"] for s in samples}
+    total = sum(seconds.values())
+    return {"batch_throughput_tok_s": sum(s["new_tokens"] for s in samples) / total if total > 0 else 0.0,
+            "mean_batch_size": mean(s["batch_size"] for s in samples)}
 
 
 def _aggregate(samples: List[dict]) -> Dict[str, float]:

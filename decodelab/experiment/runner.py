@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 import zlib
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ class PromptRunner:
         turn answered after the model's own previous answers; one record per prompt."""
         _reset_peak_memory(self.target.device)
         states = [_Conversation() for _ in batch]
+        engine_s = 0.0
         for turn_index in range(max(len(prompt.turns) for _, prompt in batch)):
             live = [(state, prompt) for state, (_, prompt) in zip(states, batch) if turn_index < len(prompt.turns)]
             requests = []
@@ -147,7 +149,10 @@ class PromptRunner:
                 if self.baseline is not None:
                     state.baselines.append(self.baseline.get(input_ids, seed))
                 requests.append(Request(list(input_ids), seed))
-            for (state, _), request, generation in zip(live, requests, self.engine.generate(requests)):
+            start = time.perf_counter()
+            generations = self.engine.generate(requests)
+            engine_s += time.perf_counter() - start
+            for (state, _), request, generation in zip(live, requests, generations):
                 if state.baselines and self.pipeline.greedy:
                     state.divergences.append(divergence(self.target, request.ids, state.baselines[-1].tokens,
                                                         generation.tokens))
@@ -156,7 +161,9 @@ class PromptRunner:
                 state.messages.append({"role": "assistant", "content": text})
                 state.turns.append(generation)
                 state.outputs.append(text)
-        return [self._record(index, prompt, state) for (index, prompt), state in zip(batch, states)]
+        # The batch's own wall time (its engine calls, all turns): the serving throughput at task.concurrency.
+        together = {"batch": batch[0][0], "batch_size": len(batch), "batch_engine_s": engine_s}
+        return [{**self._record(index, prompt, state), **together} for (index, prompt), state in zip(batch, states)]
 
     def _record(self, index: int, prompt: Prompt, state: "_Conversation") -> dict:
         turns, baselines, divergences = state.turns, state.baselines, state.divergences
@@ -308,6 +315,8 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
         summary.update(mauve_summary(prompts, records, loaded))
     if run_cfg.backend.compile:
         summary["compile_s"] = runner.compile_s  # warm-up before the first prompt: never inside a sample's time
+    if run_cfg.engine.name != NATIVE:
+        summary["engine_start_s"] = runner.engine.start_s  # 0 when a sweep's earlier job started it
     lists = list_metrics(records)
     plots = acceptance_plots(lists["accepted_histogram"], lists["per_position_acceptance"], run_dir, run_name)
     tracker.finish({**summary, **lists} if plots else summary, artifacts=plots)

@@ -80,6 +80,8 @@ def cost_model(stats: Dict[str, object], draft_forwards: int, ar_step_s: Optiona
     steps = int(stats["verify_steps"])  # type: ignore[arg-type]
     if not steps or not ar_step_s or "acceptance_rate" not in stats:
         return {}
+    if not stats["draft_s"] and not stats["verify_s"]:
+        return {}  # an engine that does not time its steps (vllm): no cost to model
     alpha = float(stats["acceptance_rate"])  # type: ignore[arg-type]
     # The formula's k caps the tokens a step can accept: a tree's depth, not its node count (same for chains).
     k = float(stats.get("mean_draft_depth", stats["mean_draft_length"]))  # type: ignore[arg-type]

@@ -4,15 +4,13 @@ and what it cannot serve is refused in one line."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from decodelab.engines.registry import REGISTRY
 from decodelab.errors import UserError
 from decodelab.experiment.compose import compose, to_run_config
-from decodelab.experiment.runner import run
 from decodelab.experiment.telemetry import acceptance_stats
+from tests.helpers.engines import decode as run_and_read
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,10 +19,7 @@ BASE = ["model=tiny-random", "task.limit=3", "task.max_new_tokens=40", "tracking
 
 
 def decode(tmp_path, *overrides):
-    out = tmp_path / "_".join(o.replace("=", "-").replace("/", "") for o in overrides)[:80]
-    summary = run(compose([*BASE, *overrides, f"output_dir={out}"]))
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    return summary, samples
+    return run_and_read(tmp_path, BASE, *overrides)
 
 
 def test_every_engine_is_registered():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from omegaconf import OmegaConf
 
 from decodelab.experiment.compose import GROUPS, conf_dir, group_options
 from decodelab.experiment.compose import VALIDATED_GROUPS, compose, expand_sweep
 from decodelab.experiment.compose import to_run_config
+from decodelab.errors import UserError
 
 # Options that need a user-supplied value (model.path, task.path) before they validate.
 NEEDS_VALUE = {("model", "hf"): ["model.path=/tmp"], ("task", "jsonl"): ["task.path=x.jsonl"], ("drafter", "medusa"): ["drafter.checkpoint=/tmp"],
@@ -38,7 +41,10 @@ def test_every_config_composes(group, option):
             node = strategy_config(node)
         if (group, option) not in NEEDS_VALUE:
             node.validate(part)
-    if (group, option) not in NEEDS_VALUE:
+    if (group, option) == ("engine", "vllm") and importlib.util.find_spec("vllm") is None:
+        with pytest.raises(UserError, match=r"^engine: engine=vllm needs vLLM, which is not installed.*make vllm"):
+            to_run_config(cfg)  # the core venv: one line saying how to install it
+    elif (group, option) not in NEEDS_VALUE:
         run = to_run_config(cfg)
         assert run.output_dir == "unused"
 

@@ -1,0 +1,96 @@
+"""engine=vllm: vLLM's offline ``LLM`` with our drafter and strategy configs mapped onto its options.
+
+Drafters: none; prompt_lookup is vLLM's ``ngram`` (``num_speculative_tokens``, ``prompt_lookup_max/min``);
+suffix is vLLM's ``suffix`` (ArcticInference's SuffixDecoding; needs the ``arctic-inference`` package);
+draft_model is vLLM's ``draft_model`` with the draft model decodelab loads, exported beside the target.
+Strategies: greedy (temperature 0) and the sampling family, field by field, with a per-request seed.
+The backend's dtype and device are vLLM's; ``backend.compile=true`` is vLLM's compiled mode
+(``enforce_eager=False``), false its eager mode.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from decodelab.engines.base import EngineConfig, check_served, refuse
+from decodelab.errors import ConfigError, check
+
+DRAFTERS = ("none", "prompt_lookup", "suffix", "draft_model")
+INSTALL = "make vllm (a .venv-vllm with decodelab[vllm]), then run .venv-vllm/bin/decodelab (README, 'Engines')"
+# Sampling fields vLLM's SamplingParams has with our meaning; the others must stay at their neutral value.
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+NEUTRAL = {"typical_p": 1.0, "eta_cutoff": 0.0, "epsilon_cutoff": 0.0}
+
+
+@dataclass
+class VLLMConfig(EngineConfig):
+    name: str = "vllm"
+    # KV-cache memory vLLM reserves (GiB). Without it vLLM's CPU backend reserves 92% of the NUMA node and
+    # refuses to start when less is free.
+    kv_cache_gib: float = 1.0
+    # Longest prompt + answer a request may have (vLLM's max_model_len); null: the model's own limit.
+    max_model_len: Optional[int] = 4096
+    # Most requests vLLM schedules together (max_num_seqs); null: vLLM's default.
+    max_num_seqs: Optional[int] = None
+    # Cores vLLM's CPU worker binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND): "auto" leaves one
+    # core to the scheduler process; "all" or a list such as "0-1" binds those.
+    cpu_threads_bind: str = "auto"
+
+    def validate(self, key: str = "engine") -> None:
+        check(self.kv_cache_gib > 0, f"{key}.kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
+        check(self.max_model_len is None or self.max_model_len >= 16, f"{key}.max_model_len",
+              f"must be >= 16 or null, got {self.max_model_len}")
+        check(self.max_num_seqs is None or self.max_num_seqs >= 1, f"{key}.max_num_seqs",
+              f"must be >= 1 or null, got {self.max_num_seqs}")
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def check_run(run) -> None:
+    """What vLLM cannot serve of ``run`` (or what this machine lacks for it), refused in one line."""
+    engine = "vllm"
+    if not installed("vllm"):
+        raise ConfigError("engine", f"engine=vllm needs vLLM, which is not installed in this environment: {INSTALL}")
+    check_served(run, engine, DRAFTERS)
+    drafter, strategy = run.drafter, run.strategy
+    for name, neutral in NEUTRAL.items():
+        if getattr(strategy, name) != neutral:
+            raise refuse(f"strategy.{name}", engine, f"{name}={getattr(strategy, name)} (vLLM has no {name})",
+                         [f"{name}={neutral}"])
+    if drafter.name == "suffix" and not installed("arctic_inference"):
+        raise ConfigError("drafter", "engine=vllm serves drafter=suffix through the arctic-inference package, which "
+                                     "is not installed: make vllm-suffix (README, 'Engines')")
+    if drafter.name == "draft_model":
+        if drafter.length.policy != "fixed":
+            raise refuse("drafter.length.policy", engine, f"policy={drafter.length.policy}", ("fixed",))
+        if drafter.retokenize:
+            raise refuse("drafter.retokenize", engine, "retokenize=true", ("false",))
+        if drafter.branching != 1:
+            raise refuse("drafter.branching", engine, f"branching={drafter.branching} (a token tree)", ("1",))
+
+
+def speculative_config(drafter, draft_path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """vLLM's ``speculative_config`` for our drafter config (None: no speculation)."""
+    if drafter.name == "prompt_lookup":
+        return {"method": "ngram", "num_speculative_tokens": drafter.num_speculative_tokens,
+                "prompt_lookup_max": drafter.max_ngram_size, "prompt_lookup_min": drafter.min_ngram_size}
+    if drafter.name == "suffix":
+        return {"method": "suffix", "num_speculative_tokens": drafter.max_spec_tokens,
+                "suffix_decoding_max_tree_depth": drafter.max_depth,
+                "suffix_decoding_max_spec_factor": drafter.alpha,
+                "suffix_decoding_min_token_prob": drafter.min_score,
+                "suffix_decoding_max_cached_requests": drafter.max_cached_requests if drafter.use_global_tree else 0}
+    if drafter.name == "draft_model":
+        return {"method": "draft_model", "model": draft_path, "num_speculative_tokens": drafter.length.k}
+    return None
+
+
+def sampling_options(strategy) -> Dict[str, Any]:
+    """SamplingParams fields for our strategy (greedy: temperature 0, which vLLM decodes by argmax)."""
+    if not strategy.do_sample:
+        return {"temperature": 0.0, "repetition_penalty": strategy.repetition_penalty}
+    return {name: getattr(strategy, name) for name in SAMPLING_FIELDS}

@@ -1,0 +1,140 @@
+"""engine=vllm on a real vLLM (the .venv-vllm of ``make vllm``; skipped where vLLM is not installed): the same
+composition served by vLLM's CPU build on tiny-random, greedy tokens equal to decodelab's AR, prompt lookup's
+steps equal to decodelab's engine step for step, the counters adding up to vLLM's own, batches, the draft
+model mapping, a clean shutdown, and one-line refusals.
+
+tiny-random runs here with 2 heads (head size 32): vLLM's CPU attention has no kernel for the default 16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="engine=vllm runs in the vllm venv: make test-vllm")
+
+from decodelab.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter  # noqa: E402
+from decodelab.engines.vllm import engine as vllm_engine  # noqa: E402
+from tests.helpers.engines import decode  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXE = str(Path(sys.executable).with_name("decodelab"))
+TINY = ["model=tiny-random", "model.num_heads=2", "model.num_kv_heads=1"]
+BASE = [*TINY, "task.limit=3", "task.max_new_tokens=40", "tracking=none", "baseline=fresh", "progress=false",
+        "print_table=false"]
+
+
+def step_pairs(samples):
+    return Counter((s[0], s[1]) for sample in samples for s in sample["steps"])
+
+
+def test_ngram_drafts_what_vllms_proposer_drafts():
+    """drafter=ngram is vLLM's ngram algorithm: the same draft on random contexts as vLLM's own function."""
+    from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as vllm_ngram
+    import numpy as np
+
+    rng = random.Random(7)
+    for sizes in [(1, 3), (2, 4), (1, 1)]:
+        cfg = PromptLookupConfig(occurrence="earliest", num_speculative_tokens=5, min_ngram_size=sizes[0],
+                                 max_ngram_size=sizes[1])
+        for _ in range(400):
+            vocab = rng.choice([2, 3, 5, 12])
+            context = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+            ours = PromptLookupDrafter(cfg).propose(context).tokens
+            theirs = vllm_ngram(np.array(context, dtype=np.int32), sizes[0], sizes[1], 4096, 5).tolist()
+            assert ours == theirs, context
+
+
+def test_ngram_steps_equal_decodelabs_engine_and_batches_reuse_the_engine(tmp_path):
+    native, native_samples = decode(tmp_path, BASE, "drafter=ngram")
+    served, samples = decode(tmp_path, BASE, "engine=vllm", "drafter=ngram")
+    llm = vllm_engine._HELD[0][1]
+    assert served["lossless_rate"] == 1.0  # token for token against decodelab's AR
+    assert served["engine_start_s"] > 0
+    # The same algorithm on the same tokens: every step the same, so tau, alpha and per-position agree exactly.
+    assert step_pairs(samples) == step_pairs(native_samples)
+    for key in ("mean_accepted_length", "acceptance_rate", "verify_steps", "drafted_tokens", "accepted_tokens"):
+        assert served[key] == pytest.approx(native[key]), key
+    positions = [key for key in native if key.startswith("acceptance_rate_pos_")]
+    assert positions and all(served[key] == pytest.approx(native[key]) for key in positions)
+    for sample in samples:
+        assert len(sample["turns"]) + sum(s[1] + s[2] for s in sample["steps"]) >= sample["new_tokens"]
+        assert sample["target_forwards"] == len(sample["steps"]) + len(sample["turns"])
+        assert sample["batch_size"] == 1
+
+    # vLLM's own global counters: one draft per drafted step, across all requests of a batch of 3.
+    before = vllm_engine.counters(llm)
+    batched, batch_samples = decode(tmp_path, BASE, "engine=vllm", "drafter=ngram", "task.concurrency=3")
+    after = vllm_engine.counters(llm)
+    assert vllm_engine._HELD[0][1] is llm and batched["engine_start_s"] == 0.0  # the held engine, reused
+    assert batched["mean_batch_size"] == 3 and {s["batch"] for s in batch_samples} == {0}
+    assert batched["lossless_rate"] == 1.0
+    drafted_steps = sum(1 for sample in batch_samples for s in sample["steps"] if s[0] > 0)
+    assert after["vllm:spec_decode_num_drafts"] - before["vllm:spec_decode_num_drafts"] == drafted_steps
+    assert step_pairs(batch_samples) == step_pairs(samples)  # greedy batches decode the same tokens, same steps
+    assert batched["batch_throughput_tok_s"] > 0
+
+
+def test_draft_model_that_is_the_target_accepts_every_token(tmp_path):
+    summary, samples = decode(tmp_path, BASE, "engine=vllm", "drafter=draft_model", "model@drafter.model=tiny-random",
+                              "drafter.model.num_heads=2", "drafter.model.num_kv_heads=1", "drafter.length.k=4")
+    assert summary["lossless_rate"] == 1.0 and summary["acceptance_rate"] == 1.0
+    for sample in samples:  # every step verified k = 4 and accepted them all, but the last of each turn (the budget)
+        steps = [(s[0], s[1]) for s in sample["steps"]]
+        assert all(d == a for d, a in steps) and steps.count((4, 4)) >= len(steps) - len(sample["turns"]) > 0
+    assert all(sample["draft_forwards"] == sum(s[0] for s in sample["steps"]) for sample in samples)
+
+
+def _processes_tagged(tag: str) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"DECODELAB_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_run_from_the_command_line_shuts_vllm_down(tmp_path):
+    """drafter=none: plain vLLM equals decodelab's AR; at exit no process of the run (vLLM's engine core and
+    its worker are children) is left."""
+    tag = uuid.uuid4().hex
+    out = tmp_path / "run"
+    done = subprocess.run([EXE, "run", *BASE, "task.limit=2", "engine=vllm", f"output_dir={out}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "DECODELAB_TEST_TAG": tag})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lossless_rate"] == 1.0 and summary["engine_start_s"] > 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(sample["target_forwards"] == sample["new_tokens"] for sample in samples)
+    assert _processes_tagged(tag) == []
+    assert not list(Path("/tmp").glob(f"*{tag}*"))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["drafter=prompt_lookup"], ["drafter.occurrence", "engine=vllm", "occurrence=latest", "earliest"]),
+    (["drafter=token_recycling"], ["drafter", "engine=vllm", "drafter=token_recycling", "suffix", "draft_model"]),
+    (["strategy=beam"], ["strategy", "engine=vllm", "strategy=beam", "greedy"]),
+    (["strategy=sample", "strategy.typical_p=0.9"], ["strategy.typical_p", "engine=vllm"]),
+    (["backend.kv_cache=static"], ["backend.kv_cache", "engine=vllm", "auto"]),
+    (["drafter=draft_model", "model@drafter.model=tiny-random", "drafter.length.policy=ucb"],
+     ["drafter.length.policy", "engine=vllm", "fixed"]),
+    (["model.num_heads=4", "model.num_kv_heads=2"], ["model", "engine=vllm", "head size 16", "32, 64"]),
+])
+def test_what_vllm_cannot_serve_is_one_line_and_exit_2(tmp_path, overrides, words):
+    done = subprocess.run([EXE, "run", *BASE, "engine=vllm", *overrides, f"output_dir={tmp_path}/r"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("decodelab: error: ") and all(w in line for w in words), line
+    assert "Traceback" not in done.stderr
