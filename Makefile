@@ -69,7 +69,8 @@ vllm-suffix: $(VLLM_STAMP)
 
 # The engine=vllm tests, in the vllm venv (they skip in the core one); one at a time, as each vLLM engine binds a core.
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/engines/test_vllm.py
+	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/engines/test_vllm.py \
+		"tests/sweeps/test_sweeps.py::test_every_named_sweep_runs_on_a_tiny_model[concurrency]"
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs multirun outputs mlruns.db mlartifacts wandb

@@ -44,7 +44,12 @@ IGNORED_CONFIG_KEYS = ("output_dir", "drafter.name")
 SETTING_KEYS = ("model.name", "backend.device", "backend.dtype", "strategy.name", "task.name", "task.limit",
                 "task.max_new_tokens", "baseline")
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
-PLOT_FILES = ("speedup_vs_draft_length.png", "acceptance_histograms.png", "per_position_acceptance.png")
+PLOT_FILES = ("speedup_vs_draft_length.png", "acceptance_histograms.png", "per_position_acceptance.png",
+              "concurrency.png")
+CONCURRENCY_KEY = "task.concurrency"
+# Serving metrics against concurrency: (summary key, panel label).
+CONCURRENCY_PANELS = (("batch_throughput_tok_s", "throughput (tok/s, all requests of a batch)"),
+                      ("tpot_s", "mean TPOT (ms)"), ("mean_accepted_length", "tau (tokens per step)"))
 
 
 @dataclass
@@ -239,6 +244,12 @@ def _configured_length(job: Job) -> Tuple[Optional[str], Optional[float]]:
     return None, None
 
 
+def _line(job: Job, keys: Sequence[str]) -> str:
+    """A plot line's label: the drafter and this job's values of ``keys`` (those it has)."""
+    return " ".join([job.drafter] + [f"{k.rsplit('.', 1)[-1]}={format_value(job.varied[k])}"
+                                     for k in keys if k in job.varied])
+
+
 def _speedup_plot(jobs: Sequence[Job], varied: Sequence[str], out_dir: Path) -> Plot:
     title = "Speedup vs draft length"
     measured = [job for job in jobs if job.metric("speedup") is not None]
@@ -255,10 +266,8 @@ def _speedup_plot(jobs: Sequence[Job], varied: Sequence[str], out_dir: Path) -> 
         x = lengths[job.name][1] if configured else job.metric("mean_draft_length")
         if x is None:
             continue
-        line = " ".join([job.drafter] + [f"{k.rsplit('.', 1)[-1]}={format_value(job.varied[k])}"
-                                          for k in other if k in job.varied])
-        lines.setdefault(line, []).append((x, job.metric("speedup") or 0.0, job.metric("speedup_ci_low"),
-                                           job.metric("speedup_ci_high")))
+        lines.setdefault(_line(job, other), []).append((x, job.metric("speedup") or 0.0,
+                                                        job.metric("speedup_ci_low"), job.metric("speedup_ci_high")))
     if not lines:
         return Plot(title, None, "no job with a speedup records its draft length")
     used = dict.fromkeys(str(key).rsplit(".", 1)[-1] for key, _ in lengths.values())
@@ -267,6 +276,30 @@ def _speedup_plot(jobs: Sequence[Job], varied: Sequence[str], out_dir: Path) -> 
     plots.speedup_plot(lines, out_dir / PLOT_FILES[0], xlabel, title)
     return Plot(title, PLOT_FILES[0], f"One line per drafter (and other varied settings); x: {xlabel}; "
                                       "error bars: bootstrap 95% interval over prompts; dashed: the AR baseline.")
+
+
+def _concurrency_plot(jobs: Sequence[Job], varied: Sequence[str], out_dir: Path) -> List[Plot]:
+    """Throughput, TPOT and tau against task.concurrency, one line per drafter (and other varied settings):
+    only for sweeps that vary the concurrency."""
+    if CONCURRENCY_KEY not in varied:
+        return []
+    title = "Serving metrics vs concurrency"
+    other = [k for k in varied if k not in (CONCURRENCY_KEY, "drafter")]
+    panels: Dict[str, Dict[str, List[Tuple[float, float]]]] = {label: {} for _, label in CONCURRENCY_PANELS}
+    for job in jobs:
+        concurrency = flatten(job.config, ".").get(CONCURRENCY_KEY)
+        line = _line(job, other)
+        for key, label in CONCURRENCY_PANELS:
+            value = job.metric(key)
+            if value is not None and isinstance(concurrency, int):
+                panels[label].setdefault(line, []).append((concurrency, value * 1000 if key == "tpot_s" else value))
+    panels = {label: lines for label, lines in panels.items() if lines}
+    if not panels:
+        return [Plot(title, None, "no finished job records batch throughput, TPOT or tau")]
+    plots.panels_plot(panels, out_dir / PLOT_FILES[3], "concurrent requests (task.concurrency)", title)
+    return [Plot(title, PLOT_FILES[3], "One line per drafter: throughput of all requests decoded together (batch "
+                                       "tokens over the batch's engine time), mean TPOT per request, and tau "
+                                       "(drafter=none: 1).")]
 
 
 def _acceptance_plots(jobs: Sequence[Job], out_dir: Path) -> List[Plot]:
@@ -311,7 +344,7 @@ def make_plots(jobs: Sequence[Job], varied: Sequence[str], out_dir: Path) -> Lis
         stale.unlink(missing_ok=True)  # a plot skipped this time must not show last time's figure
     finished = [job for job in jobs if job.finished]
     return [_speedup_plot(finished, varied, out_dir), *_acceptance_plots(finished, out_dir),
-            *_pareto_plots(finished, out_dir)]
+            *_concurrency_plot(finished, varied, out_dir), *_pareto_plots(finished, out_dir)]
 
 
 # ---------------------------------------------------------------------------------------------- rendering

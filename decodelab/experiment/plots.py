@@ -109,6 +109,26 @@ def speedup_plot(lines: Mapping[str, Sequence[ErrorPoint]], path: Path, xlabel: 
     return _save(fig, path)
 
 
+def panels_plot(panels: Mapping[str, Mapping[str, Sequence[Tuple[float, float]]]], path: Path, xlabel: str,
+                title: str) -> Path:
+    """One panel per metric (its y label the key), one line per series, over a shared x (log2 when it doubles)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels.items()):
+        for label, points in lines.items():
+            points = sorted(points)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        xs = sorted({x for points in lines.values() for x, _ in points})
+        if len(xs) > 2 and all(x > 0 for x in xs):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _legend(axes[0][0], len(next(iter(panels.values()), {})))
+    return _save(fig, path)
+
+
 def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
     """Indices of the points no other point beats on both axes (both maximised), in order of x."""
     front = [i for i, (x, y) in enumerate(points)
