@@ -9,7 +9,6 @@ import pytest
 from decodelab.engines.registry import REGISTRY
 from decodelab.errors import UserError
 from decodelab.experiment.compose import compose, to_run_config
-from decodelab.experiment.telemetry import acceptance_stats
 from tests.helpers.engines import decode as run_and_read
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,3 +93,15 @@ def test_what_it_cannot_serve_is_refused_in_one_line(overrides, words):
 def test_decodelab_engine_refuses_concurrency():
     with pytest.raises(UserError, match=r"task.concurrency: engine=decodelab decodes one request at a time"):
         to_run_config(compose([*BASE, "task.concurrency=2", "output_dir=x"]))
+
+
+@pytest.mark.slow
+def test_smollm2_ngram_through_generate_is_lossless_and_tau_agrees(tmp_path):
+    """The real model: transformers' prompt lookup and decodelab's drafter=ngram (the same first-occurrence
+    rule) give AR's tokens, and tau within 5% (transformers drafts one token deeper at the budget's end)."""
+    real = ["model=smollm2-135m", "task.limit=2", "task.max_new_tokens=32", "tracking=none", "baseline=fresh",
+            "progress=false", "print_table=false"]
+    ours, _ = run_and_read(tmp_path, real, "drafter=ngram")
+    theirs, _ = run_and_read(tmp_path, real, "engine=hf_generate", "drafter=ngram")
+    assert ours["lossless_rate"] == theirs["lossless_rate"] == 1.0
+    assert theirs["mean_accepted_length"] == pytest.approx(ours["mean_accepted_length"], rel=0.05)

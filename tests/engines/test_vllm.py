@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -84,6 +85,18 @@ def test_ngram_steps_equal_decodelabs_engine_and_batches_reuse_the_engine(tmp_pa
     assert batched["batch_throughput_tok_s"] > 0
 
 
+@pytest.mark.slow
+def test_smollm2_through_vllm_is_lossless_with_decodelabs_steps(tmp_path):
+    """The real model (fp32): vLLM's greedy tokens are decodelab's AR's, and its ngram steps decodelab's."""
+    real = ["model=smollm2-135m", "task.limit=2", "task.max_new_tokens=32", "tracking=none", "baseline=fresh",
+            "progress=false", "print_table=false"]
+    native, native_samples = decode(tmp_path, real, "drafter=ngram")
+    served, samples = decode(tmp_path, real, "engine=vllm", "drafter=ngram")
+    assert native["lossless_rate"] == served["lossless_rate"] == 1.0
+    assert step_pairs(samples) == step_pairs(native_samples)
+    assert served["mean_accepted_length"] == pytest.approx(native["mean_accepted_length"])
+
+
 def test_draft_model_that_is_the_target_accepts_every_token(tmp_path):
     summary, samples = decode(tmp_path, BASE, "engine=vllm", "drafter=draft_model", "model@drafter.model=tiny-random",
                               "drafter.model.num_heads=2", "drafter.model.num_kv_heads=1", "drafter.length.k=4")
@@ -119,6 +132,30 @@ def test_a_run_from_the_command_line_shuts_vllm_down(tmp_path):
     assert all(sample["target_forwards"] == sample["new_tokens"] for sample in samples)
     assert _processes_tagged(tag) == []
     assert not list(Path("/tmp").glob(f"*{tag}*"))
+
+
+def test_sigterm_while_vllm_starts_leaves_no_process(tmp_path):
+    """A run cancelled with SIGTERM (a scheduler's cancel) in the middle of vLLM's start-up takes its engine-core
+    and worker processes with it."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([EXE, "run", *BASE, "task.limit=1", "engine=vllm", f"output_dir={tmp_path}/run"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DECODELAB_TEST_TAG": tag})
+    for line in proc.stderr:
+        if "starting vLLM" in line:
+            break
+    deadline = time.monotonic() + 120
+    while len(_processes_tagged(tag)) < 2 and time.monotonic() < deadline:  # the engine core has been spawned
+        time.sleep(0.5)
+    assert len(_processes_tagged(tag)) >= 2
+    time.sleep(5)
+    proc.terminate()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 60
+    while _processes_tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_tagged(tag) == []
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -32,6 +32,9 @@ import atexit
 import itertools
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -70,6 +73,13 @@ def _environment(cache_dir: Path, cfg: VLLMConfig) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler's cancel, ``kill``) exits through SystemExit, so the atexit shutdown and vLLM's own
+    finalizers stop its engine-core and worker processes; Python's default would leave them running."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def _check_head_size(config, device_type: str) -> None:
     """vLLM's CPU attention has kernels for some head sizes only; a model with another fails inside its worker."""
     if device_type != "cpu":
@@ -99,6 +109,7 @@ class VLLMEngine(Engine):
 
         cache_dir = Path(run.model.cache_dir).expanduser()
         _environment(cache_dir, cfg)
+        _exit_on_sigterm()
         draft_path = None
         if run.drafter.name == "draft_model":
             from decodelab.models.loading import load_model
