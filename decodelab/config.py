@@ -50,6 +50,23 @@ def check_keys(node: Any, schema: type, prefix: str = "", owner: str = "") -> No
         check_keys(value, nested, full, owner)
 
 
+def defined_subclasses(package: Any, base: type, package_module: str = "") -> List[type]:
+    """The subclasses of ``base`` defined in the modules of ``package`` (a subpackage contributes its
+    ``package_module``, e.g. ``engine``): how each registry discovers its plug-ins."""
+    import importlib
+    import pkgutil
+
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        name = f"{package.__name__}.{info.name}"
+        if info.ispkg and not package_module:
+            continue
+        module = importlib.import_module(f"{name}.{package_module}" if info.ispkg else name)
+        found += [value for value in vars(module).values()
+                  if isinstance(value, type) and issubclass(value, base) and value.__module__ == module.__name__]
+    return found
+
+
 def typed_block(node: Any, schemas: Dict[str, type], group: str) -> Any:
     """Type an untyped ``group`` node (a drafter, a strategy) by its ``name``: the schema ``schemas[name]``
     merged with the node. An unknown name, an unknown key or a wrong type fails here, in one line."""

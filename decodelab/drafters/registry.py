@@ -4,12 +4,10 @@ registry finds it by importing every module of this package."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Dict, List, Type
 
 import decodelab.drafters as drafters_package
-from decodelab.config import DrafterConfig, block_schema, typed_block
+from decodelab.config import DrafterConfig, block_schema, defined_subclasses, typed_block
 from decodelab.drafters.base import Drafter
 
 REGISTRY: Dict[str, Type[Drafter]] = {}
@@ -18,13 +16,8 @@ REGISTRY: Dict[str, Type[Drafter]] = {}
 def discover() -> Dict[str, Type[Drafter]]:
     """(Re)fill REGISTRY from every module on ``decodelab.drafters.__path__`` (a folder appended to that path
     adds its drafters too); updated in place, so every importer of REGISTRY sees the same drafters."""
-    found: Dict[str, Type[Drafter]] = {}
-    for module_info in pkgutil.iter_modules(drafters_package.__path__):
-        module = importlib.import_module(f"{drafters_package.__name__}.{module_info.name}")
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Drafter) and value.__module__ == module.__name__ \
-                    and getattr(value, "name", None):
-                found[value.name] = value
+    found: Dict[str, Type[Drafter]] = {cls.name: cls for cls in defined_subclasses(drafters_package, Drafter)
+                                       if getattr(cls, "name", None)}
     REGISTRY.clear()
     REGISTRY.update(sorted(found.items()))
     return REGISTRY

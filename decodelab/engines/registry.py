@@ -3,26 +3,18 @@ package ``<name>/`` with ``config.py`` + ``engine.py``, and one conf/engine YAML
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Dict, Type
 
 import decodelab.engines as engines_package
-from decodelab.config import block_schema, typed_block
+from decodelab.config import block_schema, defined_subclasses, typed_block
 from decodelab.engines.base import Engine, EngineConfig
 
 REGISTRY: Dict[str, Type[Engine]] = {}
 
 
 def discover() -> Dict[str, Type[Engine]]:
-    found: Dict[str, Type[Engine]] = {}
-    for info in pkgutil.iter_modules(engines_package.__path__):
-        name = f"{engines_package.__name__}.{info.name}"
-        module = importlib.import_module(f"{name}.engine" if info.ispkg else name)
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Engine) and value.__module__ == module.__name__ \
-                    and getattr(value, "name", None):
-                found[value.name] = value
+    found: Dict[str, Type[Engine]] = {cls.name: cls for cls in defined_subclasses(engines_package, Engine, "engine")
+                                      if getattr(cls, "name", None)}
     REGISTRY.clear()
     REGISTRY.update(sorted(found.items()))
     return REGISTRY

@@ -44,3 +44,10 @@ def test_a_stop_inside_the_last_step_keeps_what_was_verified():
 def test_records_that_do_not_add_up_are_an_error(pairs, lengths, words):
     with pytest.raises(RuntimeError, match=words):
         steps_of(records(pairs), lengths, 64)
+
+
+def test_only_the_last_step_is_cut_earlier_ones_keep_vllms_draft_length():
+    # Two tokens of room before the first step: decodelab's engine would draft at most 3 there, vLLM drafted
+    # (and verified) 10; only the last step, whose excess was beyond the budget, is cut.
+    steps = steps_of(records([(10, 0), (5, 2)]), [1, 2, 5], 5)
+    assert [(s.drafted, s.accepted) for s in steps] == [(10, 0), (2, 2)]

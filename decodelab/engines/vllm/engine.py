@@ -12,8 +12,10 @@ Metric mapping (per request, from vLLM's own records; ``per_request_spec_decode_
   tokens is the next drafted record (accepted n - 1); a one-token step is the next record when that accepted
   nothing, else a step without a draft (so a failed draft can sit a step early among one-token steps; the
   counts are exact). The last step may be cut by the budget or a stop: vLLM drafts k tokens even when fewer
-  remain and drops the excess after verification, while decodelab's engine cuts a draft to the room left
-  (``fit_draft``), so that step is cut the same way. Each step is a StepRecord (drafted, accepted, bonus 1);
+  remain and drops what it accepted past the budget, while decodelab's engine cuts a draft to the room left
+  (``fit_draft``), so that step is cut the same way. Earlier steps keep vLLM's draft length, which near the
+  end of the budget can exceed what decodelab's engine would draft there (vLLM verifies them): so alpha can
+  differ slightly between the engines where tau and the accepted tokens agree. Each step is a StepRecord (drafted, accepted, bonus 1);
   tau = (accepted + bonus) / steps is decodelab's definition, the bonus counted once per step, over every
   step; vLLM's own "mean acceptance length" counts only the drafted steps.
 - per-position acceptance: from the same steps (accepted is a prefix, as in decodelab's chains).
@@ -208,10 +210,14 @@ def steps_of(metrics, lengths: Sequence[int], budget: int) -> List[StepRecord]:
         committed = lengths[index] - lengths[index - 1]
         last = index == len(lengths) - 1
         if j < len(records) and (records[j][1] == committed - 1 or (last and records[j][1] > committed - 1)):
-            # vLLM drafts k tokens even when fewer remain and drops the excess after verification; decodelab's
-            # engine cuts a draft to the room left, the bonus taking the last place (fit_draft): so here.
-            room = budget - lengths[index - 1] - 1
-            d, a = min(records[j][0], room), min(records[j][1], room)
+            # The last step: vLLM drafts k tokens even when fewer remain and drops what it accepted past the
+            # budget; decodelab's engine cuts a draft to the room left, the bonus taking the last place
+            # (fit_draft), so that step is cut the same way (its excess was beyond the budget, not rejected).
+            # Earlier steps keep vLLM's own draft length: it verified them all.
+            d, a = records[j]
+            if last:
+                room = budget - lengths[index - 1] - 1
+                d, a = min(d, room), min(a, room)
             steps.append(StepRecord(d, a, 1, 0.0, 0.0, d))
             j += 1
         elif committed == 1:
