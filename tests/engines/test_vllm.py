@@ -104,6 +104,36 @@ def test_smollm2_through_vllm_is_lossless_with_decodelabs_steps(tmp_path):
     assert served["mean_accepted_length"] == pytest.approx(native["mean_accepted_length"])
 
 
+def test_sampling_fields_map_onto_vllms_sampler(tmp_path):
+    """temperature, top-k and top-p through vLLM: 4000 first tokens, one per seed, follow decodelab's own
+    filtered distribution of the target (chi-square and total variation, tests/helpers/statistics)."""
+    import torch
+
+    from decodelab.engines.base import Request
+    from decodelab.experiment.compose import compose, to_run_config
+    from decodelab.experiment.runner import PromptRunner
+    from decodelab.models.loading import load_model
+    from tests.helpers.statistics import assert_follows
+
+    cfg = compose([*BASE, "engine=vllm", "strategy=top_p", "strategy.temperature=0.8", "strategy.top_k=16",
+                   "strategy.top_p=0.9",
+                   "task.max_new_tokens=1", f"output_dir={tmp_path}"])
+    run = to_run_config(cfg)
+    loaded = load_model(run.model, run.backend)
+    runner = PromptRunner(loaded, run)
+    ids = runner.encode([{"role": "user", "content": "Name three colours."}])
+    eos = sorted(runner.stop.eos_ids)[0]
+    generations = runner.engine.generate([Request(ids, seed) for seed in range(4000)])
+    firsts = [g.tokens[0] if g.tokens else eos for g in generations]  # an EOS first token is cut by the stop rule
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([ids])).logits[0, -1].float()
+    probs = runner.pipeline.probs(logits[None])[0]
+    assert (probs > 0).sum() > 4  # a real choice among several tokens
+    assert_follows(firsts, probs, max_tv=0.06)
+    again = runner.engine.generate([Request(ids, seed) for seed in range(20)])
+    assert [g.tokens for g in again] == [g.tokens for g in generations[:20]]  # a seed per request reproduces
+
+
 def test_draft_model_that_is_the_target_accepts_every_token(tmp_path):
     summary, samples = decode(tmp_path, BASE, "engine=vllm", "drafter=draft_model", "model@drafter.model=tiny-random",
                               "drafter.model.num_heads=2", "drafter.model.num_kv_heads=1", "drafter.length.k=4")
@@ -171,6 +201,7 @@ def test_sigterm_while_vllm_starts_leaves_no_process(tmp_path):
     (["strategy=beam"], ["strategy", "engine=vllm", "strategy=beam", "greedy"]),
     (["strategy=sample", "strategy.typical_p=0.9"], ["strategy.typical_p", "engine=vllm"]),
     (["backend.kv_cache=static"], ["backend.kv_cache", "engine=vllm", "auto"]),
+    (["strategy=min_p", "drafter=ngram"], ["strategy.min_p", "engine=vllm", "drafter=prompt_lookup", "min_p=0"]),
     (["drafter=draft_model", "model@drafter.model=tiny-random", "drafter.length.policy=ucb"],
      ["drafter.length.policy", "engine=vllm", "fixed"]),
     (["model.num_heads=4", "model.num_kv_heads=2"], ["model", "engine=vllm", "head size 16", "32, 64"]),

@@ -61,6 +61,10 @@ def check_run(run) -> None:
         if getattr(strategy, name) != neutral:
             raise refuse(f"strategy.{name}", engine, f"{name}={getattr(strategy, name)} (vLLM has no {name})",
                          [f"{name}={neutral}"])
+    if drafter.name != "none" and strategy.do_sample and strategy.min_p > 0:
+        # vLLM loads no min-p logits processor when speculation is on (vllm/v1/sample/logits_processor).
+        raise refuse("strategy.min_p", engine, f"min_p={strategy.min_p} with drafter={drafter.name} (vLLM drops min-p "
+                     "under speculative decoding)", ["min_p=0", "drafter=none"])
     if drafter.name == "suffix" and not installed("arctic_inference"):
         raise ConfigError("drafter", "engine=vllm serves drafter=suffix through the arctic-inference package, which "
                                      "is not installed: make vllm-suffix (README, 'Engines')")

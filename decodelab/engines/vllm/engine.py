@@ -138,6 +138,10 @@ class VLLMEngine(Engine):
         }
         if self.speculative is not None:  # vLLM refuses per-request records without speculation
             options["per_request_spec_decode_metrics"] = "detailed"
+        if run.strategy.do_sample and self.loaded.model.device.type == "cpu":
+            # vLLM's CPU model runner rewinds a seeded request's generator when a chunked prefill discards its
+            # sample, which a CPU generator cannot do ('CPU Generator does not use offset'): prefill whole.
+            options["enable_chunked_prefill"] = False
         if cfg.max_model_len is not None:
             options["max_model_len"] = cfg.max_model_len
         if cfg.max_num_seqs is not None:
