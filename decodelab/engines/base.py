@@ -74,10 +74,11 @@ def refuse(key: str, engine: str, what: str, served: Sequence[str]) -> ConfigErr
 SAMPLING_STRATEGIES = ("greedy", "sample", "top_p", "min_p")
 
 
-def check_served(run, engine: str, drafters: Sequence[str], strategies: Sequence[str] = SAMPLING_STRATEGIES) -> None:
+def check_served(run, engine: str, drafters: Sequence[str], strategies: Sequence[str] = SAMPLING_STRATEGIES,
+                 own_lookup: bool = True) -> None:
     """The refusals every engine other than decodelab's shares: the drafter and strategy it maps, lossless
-    acceptance, prompt lookup's first-occurrence rule, and none of decodelab's own kernels or static cache
-    (the engine brings its own)."""
+    acceptance, prompt lookup's first-occurrence rule where the engine's own n-gram lookup serves it
+    (``own_lookup``), and none of decodelab's own kernels or static cache (the engine brings its own)."""
     drafter, strategy, backend = run.drafter, run.strategy, run.backend
     if drafter.name not in drafters:
         raise refuse("drafter", engine, f"drafter={drafter.name}", drafters)
@@ -85,7 +86,7 @@ def check_served(run, engine: str, drafters: Sequence[str], strategies: Sequence
         raise refuse("strategy", engine, f"strategy={strategy.name}", strategies)
     if strategy.acceptance != "lossless":
         raise refuse("strategy.acceptance", engine, f"acceptance={strategy.acceptance}", ("lossless",))
-    if drafter.name == "prompt_lookup" and drafter.occurrence != "earliest":  # transformers' and vLLM's n-gram rule
+    if own_lookup and drafter.name == "prompt_lookup" and drafter.occurrence != "earliest":  # transformers' and vLLM's n-gram rule
         raise refuse("drafter.occurrence", engine, f"occurrence={drafter.occurrence} (its n-gram lookup drafts from "
                      "the first occurrence)", ("earliest",))
     if backend.kernels != "torch":

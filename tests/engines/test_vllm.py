@@ -91,6 +91,23 @@ def test_ngram_steps_equal_decodelabs_engine_and_batches_reuse_the_engine(tmp_pa
     assert batched["batch_throughput_tok_s"] > 0
 
 
+def test_decodelabs_own_prompt_lookup_inside_vllm_takes_decodelabs_steps(tmp_path):
+    """engine.proposer=decodelab: decodelab's prompt lookup (its default latest-occurrence rule, which vLLM's
+    ngram lacks) drafts inside vLLM's worker; vLLM verifies. Same algorithm, same code: the same steps accept
+    the same tokens as on decodelab's engine, one request at a time and in a batch of 3 (one drafter per row)."""
+    native, native_samples = decode(tmp_path, BASE, "drafter=prompt_lookup")
+    served, samples = decode(tmp_path, BASE, "engine=vllm", "engine.proposer=decodelab", "drafter=prompt_lookup")
+    assert served["lossless_rate"] == 1.0
+    assert accepted_per_step(samples) == accepted_per_step(native_samples)
+    for key in ("mean_accepted_length", "verify_steps", "accepted_tokens"):
+        assert served[key] == pytest.approx(native[key]), key
+    assert served["drafted_tokens"] >= native["drafted_tokens"] > 0
+    batched, batch_samples = decode(tmp_path, BASE, "engine=vllm", "engine.proposer=decodelab",
+                                    "drafter=prompt_lookup", "task.concurrency=3")
+    assert batched["engine_start_s"] == 0.0 and batched["mean_batch_size"] == 3
+    assert step_pairs(batch_samples) == step_pairs(samples)
+
+
 @pytest.mark.slow
 def test_smollm2_through_vllm_is_lossless_with_decodelabs_steps(tmp_path):
     """The real model (fp32): vLLM's greedy tokens are decodelab's AR's, and its ngram steps accept what
@@ -104,25 +121,29 @@ def test_smollm2_through_vllm_is_lossless_with_decodelabs_steps(tmp_path):
     assert served["mean_accepted_length"] == pytest.approx(native["mean_accepted_length"])
 
 
+def sampling_runner(tmp_path, *overrides):
+    """(loaded target, a runner on engine=vllm, the prompt's ids, the EOS id) for drawing many seeded requests."""
+    from decodelab.experiment.compose import compose, to_run_config
+    from decodelab.experiment.runner import PromptRunner
+    from decodelab.models.loading import load_model
+
+    run = to_run_config(compose([*BASE, "engine=vllm", *overrides, f"output_dir={tmp_path}"]))
+    loaded = load_model(run.model, run.backend)
+    runner = PromptRunner(loaded, run)
+    ids = runner.encode([{"role": "user", "content": "Name three colours."}])
+    return loaded, runner, ids, sorted(runner.stop.eos_ids)[0]
+
+
 def test_sampling_fields_map_onto_vllms_sampler(tmp_path):
     """temperature, top-k and top-p through vLLM: 4000 first tokens, one per seed, follow decodelab's own
     filtered distribution of the target (chi-square and total variation, tests/helpers/statistics)."""
     import torch
 
     from decodelab.engines.base import Request
-    from decodelab.experiment.compose import compose, to_run_config
-    from decodelab.experiment.runner import PromptRunner
-    from decodelab.models.loading import load_model
     from tests.helpers.statistics import assert_follows
 
-    cfg = compose([*BASE, "engine=vllm", "strategy=top_p", "strategy.temperature=0.8", "strategy.top_k=16",
-                   "strategy.top_p=0.9",
-                   "task.max_new_tokens=1", f"output_dir={tmp_path}"])
-    run = to_run_config(cfg)
-    loaded = load_model(run.model, run.backend)
-    runner = PromptRunner(loaded, run)
-    ids = runner.encode([{"role": "user", "content": "Name three colours."}])
-    eos = sorted(runner.stop.eos_ids)[0]
+    loaded, runner, ids, eos = sampling_runner(tmp_path, "strategy=top_p", "strategy.temperature=0.8",
+                                               "strategy.top_k=16", "strategy.top_p=0.9", "task.max_new_tokens=1")
     generations = runner.engine.generate([Request(ids, seed) for seed in range(4000)])
     firsts = [g.tokens[0] if g.tokens else eos for g in generations]  # an EOS first token is cut by the stop rule
     with torch.no_grad():
@@ -132,6 +153,39 @@ def test_sampling_fields_map_onto_vllms_sampler(tmp_path):
     assert_follows(firsts, probs, max_tv=0.06)
     again = runner.engine.generate([Request(ids, seed) for seed in range(20)])
     assert [g.tokens for g in again] == [g.tokens for g in generations[:20]]  # a seed per request reproduces
+
+
+def test_speculative_sampling_through_vllm_keeps_the_targets_distribution(tmp_path):
+    """strategy=top_p with drafter=ngram: after the first token, n-gram drafts are verified by vLLM's rejection
+    sampler, over 4000 requests (a seed each). The pairs (first, second token) follow the target's own filtered
+    joint distribution. A low temperature keeps the joint support small enough for 4000 draws. On tiny-random
+    the drafts fall outside the target's support, so this checks rejection and the recovered token (no draft
+    is accepted); drafter=draft_model with sampling is refused on vLLM's CPU build (it emitted pairs outside
+    the support, even with the target as its own draft: README, Engines)."""
+    import torch
+
+    from decodelab.engines.base import Request
+    from tests.helpers.statistics import assert_follows
+
+    draft = ["drafter=ngram", "drafter.min_ngram_size=1", "drafter.max_ngram_size=1", "drafter.num_speculative_tokens=2"]
+    loaded, runner, ids, eos = sampling_runner(tmp_path, *draft, "strategy=top_p", "strategy.temperature=0.03",
+                                               "strategy.top_p=0.8", "task.max_new_tokens=3")
+    generations = runner.engine.generate([Request(ids, seed) for seed in range(4000)])
+    # An EOS is cut by the stop rule: a missing token is the EOS that ended the answer.
+    pairs = [(list(g.tokens) + [eos, eos])[:2] for g in generations]
+    with torch.no_grad():
+        first = runner.pipeline.probs(loaded.model(torch.tensor([ids])).logits[0, -1:].float())[0]
+        joint = torch.zeros(first.numel(), first.numel(), dtype=torch.float64)
+        for token in first.nonzero().flatten().tolist():
+            if token == eos:
+                joint[eos, eos] = first[eos]
+                continue
+            logits = loaded.model(torch.tensor([ids + [token]])).logits[0, -1:].float()
+            joint[token] = first[token] * runner.pipeline.probs(logits)[0].double()
+    assert 8 < (joint > 0).sum() <= 64  # a real choice of pairs, few enough cells for the test
+    assert_follows([a * first.numel() + b for a, b in pairs], joint, max_tv=0.06)
+    second = [g.steps[0] for g in generations if g.steps]  # the step that verified the second position
+    assert sum(s.drafted for s in second) > 200  # the verifier saw drafts there (and rejected them)
 
 
 def test_draft_model_that_is_the_target_accepts_every_token(tmp_path):
@@ -196,7 +250,15 @@ def test_sigterm_while_vllm_starts_leaves_no_process(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["drafter=prompt_lookup"], ["drafter.occurrence", "engine=vllm", "occurrence=latest", "earliest"]),
+    (["drafter=prompt_lookup"], ["drafter.occurrence", "engine=vllm", "occurrence=latest", "earliest",
+                                 "engine.proposer=decodelab"]),
+    (["engine.proposer=decodelab", "drafter=suffix"],
+     ["drafter", "engine=vllm engine.proposer=decodelab", "drafter=suffix", "none, prompt_lookup"]),
+    (["strategy=sample", "drafter=draft_model", "model@drafter.model=tiny-random"],
+     ["strategy", "engine=vllm", "drafter=draft_model", "greedy"]),
+    (["strategy=sample", "strategy.top_k=4", "drafter=ngram"],
+     ["strategy.top_k", "engine=vllm", "drafter=prompt_lookup", "top_k=0", "drafter=none"]),
+    (["engine.proposer=ngram"], ["engine.proposer", "vllm, decodelab", "'ngram'"]),
     (["drafter=token_recycling"], ["drafter", "engine=vllm", "drafter=token_recycling", "suffix", "draft_model"]),
     (["strategy=beam"], ["strategy", "engine=vllm", "strategy=beam", "greedy"]),
     (["strategy=sample", "strategy.typical_p=0.9"], ["strategy.typical_p", "engine=vllm"]),

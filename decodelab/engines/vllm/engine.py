@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from decodelab.decoding.types import Generation, StepRecord
 from decodelab.engines.base import Engine, Request, cut
 from decodelab.engines.vllm.config import VLLMConfig, check_run, sampling_options, speculative_config
+from decodelab.engines.vllm.proposer import DRAFTER_ENV, drafter_json
 from decodelab.errors import ConfigError, notice
 
 # Seconds vLLM's engine core gets to exit after SIGTERM before its process tree is killed.
@@ -125,7 +126,10 @@ class VLLMEngine(Engine):
             from decodelab.models.loading import load_model
 
             draft_path = str(exported(load_model(run.drafter.model, run.backend), str(cache_dir)))
-        self.speculative = speculative_config(run.drafter, draft_path)
+        self.speculative = speculative_config(run.drafter, draft_path, cfg.proposer)
+        os.environ.pop(DRAFTER_ENV, None)
+        if self.speculative is not None and cfg.proposer == "decodelab":
+            os.environ[DRAFTER_ENV] = drafter_json(run.drafter)  # read by vLLM's worker, spawned at its start
         self.options = self._engine_options(str(exported(loaded, str(cache_dir))))
         self.llm, self.start_s = self._engine()
 
@@ -151,7 +155,8 @@ class VLLMEngine(Engine):
 
     def _engine(self) -> Tuple[Any, float]:
         """The held engine when its key matches (start 0: reused), else a new one, started and warmed up."""
-        key = json.dumps({**self.options, "bind": self.cfg.cpu_threads_bind}, sort_keys=True, default=str)
+        key = json.dumps({**self.options, "bind": self.cfg.cpu_threads_bind, "drafter": os.environ.get(DRAFTER_ENV)},
+                         sort_keys=True, default=str)
         if _HELD and _HELD[0][0] == key:
             return _HELD[0][1], 0.0
         shutdown()
