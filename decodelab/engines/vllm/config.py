@@ -6,7 +6,8 @@ draft_model is vLLM's ``draft_model`` with the draft model decodelab loads, expo
 ``proposer=decodelab`` runs decodelab's own drafter instead, inside vLLM's worker (vLLM's ``custom_class``
 method; decodelab/engines/vllm/proposer.py): every drafter whose draft is a function of the context alone
 (``Drafter.context_only``: prompt_lookup, either occurrence rule), so the engine is the only change.
-Strategies: greedy (temperature 0) and the sampling family, field by field, with a per-request seed.
+Strategies: greedy (temperature 0) and the sampling family, field by field, with a per-request seed
+(with a drafter: no min-p, and on the CPU build no top-k, nor sampling with draft_model; see check_run).
 The backend's dtype and device are vLLM's; ``backend.compile=true`` is vLLM's compiled mode
 (``enforce_eager=False``), false its eager mode.
 """
