@@ -188,9 +188,9 @@ def main() -> None:
                   f"{ours['lossless_rate']:.2f} / {theirs['lossless_rate']:.2f}", flush=True)
 
     fingerprint = environment_fingerprint({"backend": first.backend.seed}, torch.get_num_threads())
-    out = {"args": vars(args), "vllm": vllm_version(), "prompts": [p.id for p in prompts], "bandwidth_gb_s": gb_s, "ar_floor_s": floor_s,
-           "weights_mb": weight_bytes(loaded.model) / 1e6, "results": results, "fingerprint": fingerprint,
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = {"args": vars(args), "vllm": vllm_version(), "prompts": [p.id for p in prompts], "bandwidth_gb_s": gb_s,
+           "ar_floor_s": floor_s, "weights_mb": weight_bytes(loaded.model) / 1e6, "results": results,
+           "fingerprint": fingerprint, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     versions = fingerprint.get("versions") or {}

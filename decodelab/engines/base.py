@@ -9,7 +9,7 @@ documents beside its code how its own counters map onto these fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from decodelab.decoding.stop import StopCriteria
 from decodelab.decoding.types import Generation
@@ -75,10 +75,11 @@ SAMPLING_STRATEGIES = ("greedy", "sample", "top_p", "min_p")
 
 
 def check_served(run, engine: str, drafters: Sequence[str], strategies: Sequence[str] = SAMPLING_STRATEGIES,
-                 own_lookup: bool = True) -> None:
+                 occurrences: Optional[Sequence[str]] = ("earliest",)) -> None:
     """The refusals every engine other than decodelab's shares: the drafter and strategy it maps, lossless
-    acceptance, prompt lookup's first-occurrence rule where the engine's own n-gram lookup serves it
-    (``own_lookup``), and none of decodelab's own kernels or static cache (the engine brings its own)."""
+    acceptance, prompt lookup's first-occurrence rule (``occurrences``: what to say is served instead; None
+    where decodelab's own prompt lookup drafts, any occurrence), and none of decodelab's own kernels or static
+    cache (the engine brings its own)."""
     drafter, strategy, backend = run.drafter, run.strategy, run.backend
     if drafter.name not in drafters:
         raise refuse("drafter", engine, f"drafter={drafter.name}", drafters)
@@ -86,9 +87,10 @@ def check_served(run, engine: str, drafters: Sequence[str], strategies: Sequence
         raise refuse("strategy", engine, f"strategy={strategy.name}", strategies)
     if strategy.acceptance != "lossless":
         raise refuse("strategy.acceptance", engine, f"acceptance={strategy.acceptance}", ("lossless",))
-    if own_lookup and drafter.name == "prompt_lookup" and drafter.occurrence != "earliest":  # transformers' and vLLM's n-gram rule
+    lookup = occurrences is not None and drafter.name == "prompt_lookup"
+    if lookup and drafter.occurrence != "earliest":  # transformers' and vLLM's n-gram rule
         raise refuse("drafter.occurrence", engine, f"occurrence={drafter.occurrence} (its n-gram lookup drafts from "
-                     "the first occurrence)", ("earliest",))
+                     "the first occurrence)", occurrences)
     if backend.kernels != "torch":
         raise refuse("backend.kernels", engine, f"kernels={backend.kernels}", ("torch",))
     if backend.kv_cache == "static":

