@@ -2,13 +2,13 @@
 
 A decode step must read every weight once, so bytes of weights over the memory bandwidth (measured here, in
 the same run: a torch sum over 1 GiB) is the floor of a one-token forward. For each path (transformers'
-DynamicCache forward; decodelab's static-cache forward, eager and compiled) and each token count n (1 = a
-decode step, n > 1 = a verification of n - 1 drafted tokens), a forward of n new tokens after ``--context``
-cached tokens is timed; paths and sizes alternate within every repeat, and every path's logits are compared
+DynamicCache forward; decodelab's static-cache forward, eager over F.linear, eager over oneDNN-packed weights,
+and compiled) and each token count n (1 = a decode step, n > 1 = a verification of n - 1 drafted tokens), a
+forward of n new tokens after ``--context`` cached tokens is timed; paths and sizes alternate within every repeat, and every path's logits are compared
 with the first path's. The compiled path's compile time (its warm-up) is reported apart.
 
     .venv/bin/python benchmarks/forward_roofline.py [--model smollm2-135m] [--context 256] [--repeats 9]
-        [--paths dynamic,static,compiled] [--sizes 1,2,4,8,16] [overrides...]
+        [--paths dynamic,static,onednn,compiled] [--sizes 1,2,4,8,16] [overrides...]
 
 Overrides are decodelab config overrides, e.g. a random-weight 1B llama on a GPU (benchmarks/gpu_check.sh):
     ... model=tiny-random model.hidden_size=2048 model.num_layers=16 backend=cuda
@@ -32,6 +32,9 @@ from decodelab.experiment.runner import setup_backend
 from decodelab.models.loading import load_model
 
 SIZES = [1, 2, 4, 8, 16]
+# Paths: dynamic (transformers' forward), static (decodelab's, the modules' F.linear), onednn (decodelab's over
+# oneDNN-packed weights, backend.linear=onednn), compiled (decodelab's under inductor, which packs weights itself).
+LINEAR_OF = {"onednn": "onednn"}
 
 
 def bandwidth_gb_s(device: torch.device, gib: float = 1.0, repeats: int = 7) -> float:
@@ -62,7 +65,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--paths", default="dynamic,static,compiled")
+    parser.add_argument("--paths", default="dynamic,static,onednn,compiled")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--out", default="benchmarks/results/forward_roofline.json")
     parser.add_argument("overrides", nargs="*")
@@ -76,8 +79,8 @@ def main() -> None:
     print("fingerprint:", json.dumps({k: fingerprint.get(k) for k in ("cpu_model", "cpu_isa", "torch_cpu_capability", "torch_num_threads")}))
     paths = args.paths.split(",")
     sizes = [int(n) for n in args.sizes.split(",")]
-    adapters = {name: LMAdapter(loaded.model, cache="static" if name == "compiled" else name,
-                                compile=name == "compiled") for name in paths}
+    adapters = {name: LMAdapter(loaded.model, cache="dynamic" if name == "dynamic" else "static",
+                                compile=name == "compiled", linear=LINEAR_OF.get(name, "torch")) for name in paths}
     for adapter in adapters.values():
         adapter.reserve(args.context + max(sizes) + 1)
     compile_s = {name: adapter.warmup(sizes) for name, adapter in adapters.items()}

@@ -33,10 +33,12 @@ TREE_ATTENTION = ("eager", "sdpa")
 
 class LMAdapter:
     """``layers``: run only these decoder layers (then the final norm and LM head), for early-exit drafting
-    with the target's own weights (drafter=layer_skip). ``cache``: one of CACHES (see the module docstring)."""
+    with the target's own weights (drafter=layer_skip). ``cache``: one of CACHES (see the module docstring).
+    ``linear``: how the static forward multiplies by weights (decoding/linear.py; the dynamic path is
+    transformers' own forward)."""
 
     def __init__(self, model: PreTrainedModel, layers: Optional[Sequence[int]] = None, cache: str = "auto",
-                 compile: bool = False, hidden_states: bool = False):
+                 compile: bool = False, hidden_states: bool = False, linear: str = "torch"):
         check(cache in CACHES, "backend.kv_cache", f"got {cache!r}, allowed: {', '.join(CACHES)}")
         reason = unsupported(model)
         check(cache != "static" or reason is None, "backend.kv_cache",
@@ -44,10 +46,13 @@ class LMAdapter:
         check(not hidden_states or (reason is None and cache != "dynamic"), "backend.kv_cache",
               f"hidden states are read from the static forward, which this run cannot use "
               f"({reason or 'backend.kv_cache=dynamic'}); use a llama/qwen2-family model with backend.kv_cache=auto")
+        check(linear != "onednn" or (reason is None and cache != "dynamic"), "backend.linear",
+              f"onednn packs the static forward's weights, which this run cannot use "
+              f"({reason or 'backend.kv_cache=dynamic'}); use backend.linear=auto or torch")
         self.model = model
         self.layers = list(layers) if layers is not None else None
         self.device = next(model.parameters()).device
-        self.static: Optional[StaticForward] = StaticForward(model, self.layers, compile=compile) \
+        self.static: Optional[StaticForward] = StaticForward(model, self.layers, compile=compile, linear=linear) \
             if cache != "dynamic" and reason is None else None
         # The dynamic path compiles transformers' own forward (shapes vary: dynamic).
         self._model_call = torch.compile(model, dynamic=True) if compile and self.static is None else model
@@ -64,6 +69,14 @@ class LMAdapter:
     def kind(self) -> str:
         """The cache in use: static or dynamic."""
         return "static" if self.static is not None else "dynamic"
+
+    @property
+    def linear(self) -> str:
+        """How weights multiply, resolved (backend.linear=auto): onednn or torch; inductor where the static step
+        is compiled (its weight freezing packs them); torch on the dynamic path."""
+        if self.static is None:
+            return "torch"
+        return "inductor" if self.compiled else self.static.linears.kind
 
     def reserve(self, length: int) -> float:
         """Room for ``length`` tokens before timing starts (the static cache grows by copying otherwise). A

@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from decodelab.decoding.linear import Linears, resolve
+
 FAMILIES = ("llama", "qwen2")
 # Attention implementations the static path stands in for (it computes attention with torch's SDPA).
 ATTENTION = ("sdpa", "eager")
@@ -68,7 +70,8 @@ class StaticForward:
     ``[1, 1, T, length + T]`` (None: causal), and returns their logits.
     """
 
-    def __init__(self, model, layers: Optional[Sequence[int]] = None, slots: int = MIN_SLOTS, compile: bool = False):
+    def __init__(self, model, layers: Optional[Sequence[int]] = None, slots: int = MIN_SLOTS, compile: bool = False,
+                 linear: str = "torch"):
         reason = unsupported(model)
         if reason is not None:
             raise NotImplementedError(f"no static KV cache for {reason}")
@@ -81,6 +84,9 @@ class StaticForward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         weight = self.base.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
+        # How weights multiply (decoding/linear.py). Compiled steps keep the modules' own: inductor's weight
+        # freezing packs them itself.
+        self.linears = Linears("torch" if compile else resolve(linear, self.device, self.dtype))
         self.length = 0
         # capture: keep the residual stream of the last eager run (embeddings, then every layer's output, each
         # [T, hidden]) in ``hidden``, for strategies that read layers (DoLa) or hidden states (contrastive search).
@@ -211,24 +217,25 @@ class StaticForward:
         if stream is not None:
             self.hidden = stream
         features = self.base.norm(hidden)
-        return self.model.lm_head(features), features
+        return self.linears(self.model.lm_head, features), features
 
     def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: Optional[torch.Tensor], slots: torch.Tensor, span: int) -> torch.Tensor:
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         count = x.shape[1]
-        q = attention.q_proj(x).view(1, count, self.heads, self.head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attention.v_proj(x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+        linear = self.linears
+        q = linear(attention.q_proj, x).view(1, count, self.heads, self.head_dim).transpose(1, 2)
+        k = linear(attention.k_proj, x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(attention.v_proj, x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         self.keys[slot].index_copy_(1, slots, k[0])
         self.values[slot].index_copy_(1, slots, v[0])
         keys, values = self.keys[slot, :, :span][None], self.values[slot, :, :span][None]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling,
                                              enable_gqa=self.kv_heads != self.heads)
-        hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(1, count, self.heads * self.head_dim))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + linear(attention.o_proj, out.transpose(1, 2).reshape(1, count, self.heads * self.head_dim))
+        return hidden + linear.mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
 
 class _Step(torch.nn.Module):

@@ -286,7 +286,7 @@ class DraftModelDrafter(ChainDrafter):
         self.vocab = output_vocab(loaded.model)
         seed = pipeline.cfg.seed if pipeline.cfg.seed is not None else backend.seed
         self._init_common(cfg, pipeline, seed, self.draft.model.device)
-        self.lm = LMAdapter(self.draft.model, cache=backend.kv_cache, compile=backend.compile)
+        self.lm = LMAdapter(self.draft.model, cache=backend.kv_cache, compile=backend.compile, linear=backend.linear)
         if cfg.retokenize:
             if not pipeline.greedy:
                 raise ConfigError("drafter.retokenize", "drafting through text (retokenize=true) is lossless for greedy "

@@ -87,7 +87,7 @@ class LayerSkipDrafter(ChainDrafter):
         self.eos_ids = model_eos_ids(model, loaded.tokenizer)
         self._init_common(cfg, pipeline, seed, next(model.parameters()).device)
         self.lm = LMAdapter(model, layers=self.layer_ids, cache=backend.kv_cache if backend else "auto",
-                            compile=bool(backend and backend.compile))
+                            compile=bool(backend and backend.compile), linear=backend.linear if backend else "torch")
 
     def propose(self, context: Sequence[int]) -> Draft:
         return self._draft_chain(context, self.controller.next_length())

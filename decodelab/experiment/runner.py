@@ -68,7 +68,7 @@ class PromptRunner:
         # Contrast strategies score through a wrapper of the target; the drafter, the baseline and the verifier
         # all see those scores, so a drafter accelerates the strategy's own distribution.
         self.target = self.strategy.wrap(LMAdapter(loaded.model, cache=run.backend.kv_cache,
-                                                   compile=run.backend.compile,
+                                                   compile=run.backend.compile, linear=run.backend.linear,
                                                    hidden_states=self.strategy.hidden_states))
         self.target.reserve(RESERVED_SLOTS)
         # Compile time (backend.compile) is paid here, before any prompt is timed, and reported apart.
@@ -291,7 +291,7 @@ def run(cfg: DictConfig, output_dir: Optional[str] = None, show: Optional[Show] 
     runner = PromptRunner(loaded, run_cfg, execution)
     run_name = run_cfg.run_name or f"{run_cfg.model.name}|{run_cfg.drafter.name}|{run_cfg.strategy.name}|{run_cfg.task.name}"
     tags = {**run_cfg.tags, "model_fingerprint": loaded.fingerprint, "config_hash": digest,
-            "kv_cache": runner.target.kind}
+            "kv_cache": runner.target.kind, "linear": runner.target.linear}
     if execution is not None:
         tags["code_execution"] = execution
     if previous is not None:

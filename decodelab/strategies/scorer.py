@@ -72,6 +72,10 @@ class Scorer:
         return self.main.kind
 
     @property
+    def linear(self) -> str:
+        return self.main.linear
+
+    @property
     def features(self) -> torch.Tensor:
         """The main model's features (feature-level drafters draft from the target's own states)."""
         return self.main.features
@@ -254,7 +258,8 @@ class PairStrategy(Strategy):
         raise NotImplementedError
 
     def wrap(self, target: LMAdapter) -> PairScorer:
-        other = LMAdapter(self.other_model(target), cache=self.backend.kv_cache, compile=self.backend.compile)
+        other = LMAdapter(self.other_model(target), cache=self.backend.kv_cache, compile=self.backend.compile,
+                          linear=self.backend.linear)
         self.scorer = PairScorer(target, other, self.combine())
         return self.scorer
 

@@ -28,9 +28,9 @@ def tiny_model(**fields) -> LoadedModel:
 
 
 
-def decode_with(loaded, ids, drafter, max_new_tokens=40, pipeline=GREEDY, cache="auto"):
+def decode_with(loaded, ids, drafter, max_new_tokens=40, pipeline=GREEDY, cache="auto", linear="torch"):
     stop = StopCriteria(loaded.tokenizer, eos_ids(loaded), [], max_new_tokens)
-    return decode(LMAdapter(loaded.model, cache=cache), ids, pipeline=pipeline, drafter=drafter, stop=stop,
+    return decode(LMAdapter(loaded.model, cache=cache, linear=linear), ids, pipeline=pipeline, drafter=drafter, stop=stop,
                   generator=torch.Generator().manual_seed(0))
 
 

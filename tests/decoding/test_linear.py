@@ -1,0 +1,116 @@
+"""backend.linear (decoding/linear.py): oneDNN-packed weights against F.linear over many shapes, the static forward
+over them against transformers' forward, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decodelab import config
+from decodelab.decoding import linear
+from decodelab.decoding.lm import LMAdapter
+from decodelab.decoding.linear import Linears, packed, resolve
+from decodelab.drafters.none import NoDrafter
+from decodelab.config import DrafterConfig
+from decodelab.errors import ConfigError
+from tests.helpers.decoding import assert_bad_value_is_named
+from tests.helpers.drafters import PROMPTS, decode_with, tiny_model
+
+pytestmark = pytest.mark.skipif(linear.onednn_problem(torch.device("cpu"), torch.float32) is not None,
+                                reason="this torch build has no oneDNN")
+# Relative to the output's largest magnitude: float32 sums in another order; bfloat16 rounds its inputs the same
+# way in both, its accumulations differ.
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (37, 53), (64, 32), (192, 576), (576, 1536),
+                                                      (1000, 64), (4099, 96)])
+def test_packed_matches_f_linear_over_shapes(out_features, in_features, dtype):
+    torch.manual_seed(out_features * 7 + in_features)
+    for bias in (False, True):
+        module = torch.nn.Linear(in_features, out_features, bias=bias).to(dtype)
+        for rows in (1, 2, 3, 8, 9, 17, 64):
+            for shape in ((rows, in_features), (1, rows, in_features)):
+                x = torch.randn(shape).to(dtype)
+                got = Linears("onednn")(module, x)
+                reference = F.linear(x.float(), module.weight.float(),
+                                     None if module.bias is None else module.bias.float())
+                assert got.shape == reference.shape and got.dtype == dtype
+                error = (got.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6)
+                assert error <= TOLERANCE[dtype], (shape, bias, float(error))
+
+
+def test_a_changed_weight_is_repacked_and_a_custom_module_computes_itself():
+    module = torch.nn.Linear(8, 4)
+    first = packed(module)
+    assert packed(module) is first  # one packed copy per module
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        module.weight.mul_(3)  # a head trained in place
+    torch.testing.assert_close(Linears("onednn")(module, x), module(x), rtol=1e-5, atol=1e-5)
+    assert packed(module) is not first
+
+    class Scaled(torch.nn.Linear):  # not a plain Linear: its own forward decides
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    scaled = Scaled(8, 4)
+    torch.testing.assert_close(Linears("onednn")(scaled, x), scaled(x))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: q/k/v with biases
+def loaded(request):
+    return tiny_model(architecture=request.param, init_seed=5)
+
+
+def test_static_forward_over_packed_weights_matches_transformers(loaded):
+    dynamic = LMAdapter(loaded.model, cache="dynamic")
+    packed_path = LMAdapter(loaded.model, cache="static", linear="onednn")
+    assert (packed_path.kind, packed_path.linear, dynamic.linear) == ("static", "onednn", "torch")
+    ids = loaded.tokenizer(PROMPTS[0])["input_ids"]
+
+    def same(a, b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    same(dynamic.prefill(ids), packed_path.prefill(ids))
+    for step in ([7, 8, 9], [10], [11, 12]):
+        same(dynamic.forward(step), packed_path.forward(step))
+    tokens, parents = [20, 21, 22, 23, 24], [-1, -1, 0, 2]
+    same(dynamic.forward_tree(tokens, parents), packed_path.forward_tree(tokens, parents))
+
+
+def test_greedy_decode_over_packed_weights_is_token_identical(loaded):
+    ids = loaded.tokenizer(PROMPTS[1])["input_ids"]
+    torch_path = decode_with(loaded, ids, NoDrafter(DrafterConfig()), max_new_tokens=30).tokens
+    onednn = decode_with(loaded, ids, NoDrafter(DrafterConfig()), max_new_tokens=30, linear="onednn").tokens
+    assert onednn == torch_path and len(onednn) == 30
+
+
+def test_auto_resolves_by_device_and_dtype_and_onednn_is_refused_where_it_cannot_serve():
+    cpu = torch.device("cpu")
+    assert resolve("auto", cpu, torch.float32) == "onednn"
+    assert resolve("auto", cpu, torch.bfloat16) == "onednn"
+    assert resolve("auto", cpu, torch.float16) == "torch"
+    assert resolve("auto", torch.device("meta"), torch.float32) == "torch"
+    assert resolve("torch", cpu, torch.float32) == "torch"
+    with pytest.raises(ConfigError, match=r"^backend\.linear: onednn cannot serve dtype float16"):
+        resolve("onednn", cpu, torch.float16)
+    with pytest.raises(ConfigError, match=r"^backend\.linear: got 'mkl', allowed: auto, torch, onednn"):
+        resolve("mkl", cpu, torch.float32)
+    # A compiled step keeps the modules' own linears (inductor packs them); the dynamic path has none to pack.
+    model = tiny_model().model
+    assert LMAdapter(model, cache="static", compile=True, linear="onednn").linear == "inductor"
+    assert LMAdapter(model, cache="dynamic", linear="auto").linear == "torch"
+    with pytest.raises(ConfigError, match=r"^backend\.linear: onednn packs .* \(backend\.kv_cache=dynamic\)"):
+        LMAdapter(model, cache="dynamic", linear="onednn")
+
+
+def test_config_names_a_bad_linear():
+    assert config.LINEARS == linear.LINEARS and config.ONEDNN_DTYPES == tuple(
+        str(d).removeprefix("torch.") for d in linear.ONEDNN_DTYPES)
+    assert_bad_value_is_named("cpu", "backend.linear=mkl", "backend.linear", group="backend")
+    assert_bad_value_is_named("cpu", "backend.linear=onednn", "backend.linear", extra=["backend.dtype=float16"],
+                              group="backend")
+    assert_bad_value_is_named("cuda", "backend.linear=onednn", "backend.linear", group="backend")
