@@ -3,8 +3,9 @@
 transformers' eager path grows a DynamicCache by concatenation every step and routes each call through
 layers of generic code; this forward preallocates the cache and writes keys and values by slot, so a crop is
 a length change and keeping a tree's accepted path is one index copy. The weights are the model's own
-tensors (nothing is copied or converted), and the model's own modules compute norms, rotary tables and the
-MLP activation, so the two paths agree token for token (tests/decoding/test_static.py).
+tensors (nothing is copied or converted), and the model's own modules compute rotary tables and the MLP
+activation (its RMSNorms one fused kernel, bit for bit theirs), so the two paths agree token for token
+(tests/decoding/test_static.py). How weights multiply is decoding/linear.py's (backend.linear).
 
 Families: llama and qwen2 (SmolLM2, Qwen2.5, Llama 2/3, Mistral without a sliding window). Everything else,
 and models with sliding-window layers (Gemma 3, Qwen2 with use_sliding_window), stays on transformers'
@@ -216,18 +217,19 @@ class StaticForward:
                 stream.append(hidden[0])
         if stream is not None:
             self.hidden = stream
-        features = self.base.norm(hidden)
+        features = _norm(self.base.norm, hidden)
         return self.linears(self.model.lm_head, features), features
 
     def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: Optional[torch.Tensor], slots: torch.Tensor, span: int) -> torch.Tensor:
         attention = layer.self_attn
-        x = layer.input_layernorm(hidden)
+        x = _norm(layer.input_layernorm, hidden)
         count = x.shape[1]
         linear = self.linears
-        q = linear(attention.q_proj, x).view(1, count, self.heads, self.head_dim).transpose(1, 2)
-        k = linear(attention.k_proj, x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = linear(attention.v_proj, x).view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = linear.group((attention.q_proj, attention.k_proj, attention.v_proj), x)
+        q = q.view(1, count, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         self.keys[slot].index_copy_(1, slots, k[0])
         self.values[slot].index_copy_(1, slots, v[0])
@@ -235,7 +237,7 @@ class StaticForward:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling,
                                              enable_gqa=self.kv_heads != self.heads)
         hidden = hidden + linear(attention.o_proj, out.transpose(1, 2).reshape(1, count, self.heads * self.head_dim))
-        return hidden + linear.mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        return hidden + linear.mlp(layer.mlp, _norm(layer.post_attention_layernorm, hidden))
 
 
 class _Step(torch.nn.Module):
@@ -260,6 +262,17 @@ def _compile(static: "StaticForward"):
         inductor.freezing = True
         return torch.compile(step, mode="max-autotune-no-cudagraphs", dynamic=False)
     return torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+
+# RMSNorm classes whose forward is ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``: F.rms_norm gives their
+# output bit for bit (float32 and bfloat16, tests/decoding/test_static.py) in one kernel instead of seven.
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(norm).__name__ not in RMS_NORMS:
+        return norm(x)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype) * norm.weight
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -42,15 +42,30 @@ def test_packed_matches_f_linear_over_shapes(out_features, in_features, dtype):
                 assert error <= TOLERANCE[dtype], (shape, bias, float(error))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_group_is_one_matmul_with_each_modules_output(bias):
+    """q/k/v and gate/up run as one matmul over stacked weights: each output as the module alone gives it."""
+    torch.manual_seed(3)
+    modules = [torch.nn.Linear(48, n, bias=bias) for n in (48, 16, 16)]
+    x = torch.randn(1, 5, 48)
+    outputs = Linears("onednn").group(modules, x)
+    for module, out in zip(modules, outputs):
+        torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
+    assert Linears("onednn").group(modules, x)[1].shape == (1, 5, 16)
+    mixed = [torch.nn.Linear(48, 8), torch.nn.Linear(48, 8, bias=False)]  # one bias only: each alone
+    for module, out in zip(mixed, Linears("onednn").group(mixed, x)):
+        torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_changed_weight_is_repacked_and_a_custom_module_computes_itself():
     module = torch.nn.Linear(8, 4)
-    first = packed(module)
-    assert packed(module) is first  # one packed copy per module
+    first = packed((module,))[0]
+    assert packed((module,))[0] is first  # one packed copy per module
     x = torch.randn(2, 8)
     with torch.no_grad():
         module.weight.mul_(3)  # a head trained in place
     torch.testing.assert_close(Linears("onednn")(module, x), module(x), rtol=1e-5, atol=1e-5)
-    assert packed(module) is not first
+    assert packed((module,))[0] is not first
 
     class Scaled(torch.nn.Linear):  # not a plain Linear: its own forward decides
         def forward(self, x):

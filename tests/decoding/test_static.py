@@ -103,3 +103,20 @@ def test_compiled_buckets_match_eager():
     assert compiled.reserve(capacity + 1) > 0 and compiled.static.warm == {1, 4}
     assert compiled.static.capacity > capacity
     _same(eager.forward([16]), compiled.forward([16]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_rms_norm_is_bit_identical_to_the_models_own(family, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from decodelab.decoding.static import _norm
+
+    torch.manual_seed(1)
+    norm = (LlamaRMSNorm if family == "llama" else Qwen2RMSNorm)(96, eps=1e-6)
+    norm.weight.data = torch.randn(96)
+    norm = norm.to(dtype)
+    for rows in (1, 3, 17):
+        x = (torch.randn(1, rows, 96) * 4).to(dtype)
+        assert torch.equal(_norm(norm, x), norm(x))
