@@ -165,7 +165,7 @@ class StaticForward:
         if not compiled:
             slots = torch.arange(start, start + count, device=self.device)
             inputs = ids_tensor[None] if embeds is None else embeds.to(self.dtype)[None]
-            logits, features = self._forward(inputs, positions, slots, mask, start + count)
+            logits, features = self._forward(inputs, positions, slots, mask, start + count, logits_to_keep)
         else:
             logits, features = self._run_compiled(ids_tensor, positions, mask, start, bucket)
         self.features = features[0]
@@ -204,10 +204,12 @@ class StaticForward:
         return logits[:, :count], features[:, :count]
 
     def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 mask: Optional[torch.Tensor], span: int):
+                 mask: Optional[torch.Tensor], span: int, keep: int = 0):
         """Tokens ``inputs [1, T]`` (ids, or input vectors ``[1, T, hidden]``) written at ``slots`` with rotary
         ``positions``, attending to the first ``span`` slots under the additive ``mask [1, 1, T, span]``; logits
-        ``[1, T, vocab]`` and the final normed hidden states ``[1, T, hidden]``."""
+        of the last ``keep`` rows (0: all) ``[1, rows, vocab]`` and the final normed hidden states of every row
+        ``[1, T, hidden]``. Only kept rows go through the LM head: a prompt's other rows would cost a GEMM over
+        the whole vocabulary each."""
         hidden = self.base.embed_tokens(inputs) if inputs.dtype == torch.long else inputs
         stream = [hidden[0]] if self.capture else None
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
@@ -218,7 +220,7 @@ class StaticForward:
         if stream is not None:
             self.hidden = stream
         features = _norm(self.base.norm, hidden)
-        return self.linears(self.model.lm_head, features), features
+        return self.linears(self.model.lm_head, features[:, -keep:] if keep else features), features
 
     def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: Optional[torch.Tensor], slots: torch.Tensor, span: int) -> torch.Tensor:

@@ -120,3 +120,18 @@ def test_fused_rms_norm_is_bit_identical_to_the_models_own(family, dtype):
     for rows in (1, 3, 17):
         x = (torch.randn(1, rows, 96) * 4).to(dtype)
         assert torch.equal(_norm(norm, x), norm(x))
+
+
+def test_a_prompt_runs_only_its_last_row_through_the_lm_head(loaded):
+    """Prefill keeps one row of logits, so only that row pays the vocabulary GEMM; features keep every row."""
+    static = LMAdapter(loaded.model, cache="static")
+    rows = []
+    handle = loaded.model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        ids = loaded.tokenizer(PROMPTS[0])["input_ids"]
+        static.prefill(ids)
+        static.forward([5, 6, 7])
+    finally:
+        handle.remove()
+    assert rows == [1, 3]
+    assert static.static.features.shape[0] == 3
