@@ -102,6 +102,15 @@ class StaticForward:
         self._allocate(slots)
         # Compiled: one graph per (bucket, capacity), attention over the whole capacity under a mask.
         self._compiled = _compile(self) if compile else None
+        if self.linears.kind != "torch":
+            self._pack()
+
+    def _pack(self) -> None:
+        """Pack every weight the step multiplies by now, with one dummy step: packed on first use, the first
+        prompt's time would pay for it (about 1 s per 0.5 GB of weights here). The cache holds what it held."""
+        self.run([0])
+        self.length = 0
+        self.features = torch.empty(0)
 
     # ------------------------------------------------------------------ cache bookkeeping
 

@@ -96,6 +96,20 @@ def test_static_forward_over_packed_weights_matches_transformers(loaded):
     same(dynamic.forward_tree(tokens, parents), packed_path.forward_tree(tokens, parents))
 
 
+def test_weights_are_packed_before_the_first_forward():
+    """Packing is paid when the adapter is built, never inside a timed prompt."""
+    from decodelab.decoding.linear import _PACKED
+
+    fresh = tiny_model(architecture="llama", init_seed=9)  # no adapter has packed its weights yet
+    assert not any(module in _PACKED for module in fresh.model.modules())
+    adapter = LMAdapter(fresh.model, cache="static", linear="onednn")
+    assert adapter.tokens == [] and adapter.static.length == 0
+    for layer in fresh.model.model.layers:
+        assert layer.self_attn.q_proj in _PACKED and layer.self_attn.o_proj in _PACKED
+        assert layer.mlp.gate_proj in _PACKED and layer.mlp.down_proj in _PACKED
+    assert fresh.model.lm_head in _PACKED
+
+
 def test_greedy_decode_over_packed_weights_is_token_identical(loaded):
     ids = loaded.tokenizer(PROMPTS[1])["input_ids"]
     torch_path = decode_with(loaded, ids, NoDrafter(DrafterConfig()), max_new_tokens=30).tokens
