@@ -4,8 +4,8 @@ A decode step must read every weight once, so bytes of weights over the memory b
 the same run: a torch sum over 1 GiB) is the floor of a one-token forward. For each path (transformers'
 DynamicCache forward; decodelab's static-cache forward, eager over F.linear, eager over oneDNN-packed weights,
 and compiled) and each token count n (1 = a decode step, n > 1 = a verification of n - 1 drafted tokens), a
-forward of n new tokens after ``--context`` cached tokens is timed; paths and sizes alternate within every repeat, and every path's logits are compared
-with the first path's. The compiled path's compile time (its warm-up) is reported apart.
+forward of n new tokens after ``--context`` cached tokens is timed; paths and sizes alternate within every
+repeat, and every path's logits are compared with the first path's. The compiled path's compile time (its warm-up) is reported apart.
 
     .venv/bin/python benchmarks/forward_roofline.py [--model smollm2-135m] [--context 256] [--repeats 9]
         [--paths dynamic,static,onednn,compiled] [--sizes 1,2,4,8,16] [overrides...]
@@ -34,7 +34,6 @@ from decodelab.models.loading import load_model
 SIZES = [1, 2, 4, 8, 16]
 # Paths: dynamic (transformers' forward), static (decodelab's, the modules' F.linear), onednn (decodelab's over
 # oneDNN-packed weights, backend.linear=onednn), compiled (decodelab's under inductor, which packs weights itself).
-LINEAR_OF = {"onednn": "onednn"}
 
 
 def bandwidth_gb_s(device: torch.device, gib: float = 1.0, repeats: int = 7) -> float:
@@ -80,7 +79,7 @@ def main() -> None:
     paths = args.paths.split(",")
     sizes = [int(n) for n in args.sizes.split(",")]
     adapters = {name: LMAdapter(loaded.model, cache="dynamic" if name == "dynamic" else "static",
-                                compile=name == "compiled", linear=LINEAR_OF.get(name, "torch")) for name in paths}
+                                compile=name == "compiled", linear="onednn" if name == "onednn" else "torch") for name in paths}
     for adapter in adapters.values():
         adapter.reserve(args.context + max(sizes) + 1)
     compile_s = {name: adapter.warmup(sizes) for name, adapter in adapters.items()}

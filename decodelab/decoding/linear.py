@@ -3,11 +3,10 @@
 On CPU, ``F.linear`` goes to MKL's sgemm, whose small-M path streams SmolLM2's weights at 7-10 GB/s (a third of
 the measured bandwidth) and costs 1.3-1.6x a decode step to verify 2-8 tokens. oneDNN's matmul over a weight
 reordered once into its blocked layout (what inductor's weight freezing uses) reads the same stack at 15-18 GB/s,
-with 1 to 8 rows costing about the same (benchmarks/forward_roofline.py, path ``onednn``); in bfloat16, where
-``F.linear`` has no fast CPU kernel at all, it is the difference between 100 ms and a few ms per LM head.
+with 1 to 8 rows costing about the same (benchmarks/forward_roofline.py, path ``onednn``).
 
-``onednn`` keeps the model untouched: the packed copies live beside it (one per linear module, shared by every
-adapter of the model, freed with it), so they cost a second copy of the linear weights in memory. Its sums run in
+``onednn`` keeps the model untouched: the packed copies live beside it (one per group of linear modules, shared by
+every adapter of the model, freed with it), so they cost a second copy of the linear weights in memory. Its sums run in
 another order than MKL's (logits differ by ~1e-5 relative in float32), and, as with MKL, a row's result may
 depend on how many rows share the call: greedy speculative decoding stays exact against an AR decode of the same
 path up to such near-ties, which the runs' lossless check counts.
