@@ -13,3 +13,21 @@ torch path draws them, so for the same seed a kernel emits the torch path's toke
 the references import without Triton. On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
 set before Triton is imported): that checks correctness and says nothing about speed.
 """
+
+
+if __name__ == "kernels":
+    # Imported under the bare name, which is not ours: the repository root is on sys.path (pytest, `python -m`
+    # from the root, a notebook there), and ``kernels`` is Hugging Face's package, which transformers >= 5.25
+    # requires and imports when it is imported. Hand the name over to the installed package, so that this folder
+    # never shadows it; without one installed, the name stays this docstring-only module.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [entry for entry in sys.path if os.path.realpath(entry or os.getcwd()) != _root])
+    if _spec is not None and _spec.loader is not None:
+        sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules["kernels"])
