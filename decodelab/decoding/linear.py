@@ -68,20 +68,41 @@ class Linears:
     def group(self, modules: Sequence[torch.nn.Module], x: torch.Tensor) -> List[torch.Tensor]:
         """Each module's output for the same input. oneDNN runs a group as one matmul over the weights stacked by
         rows (q/k/v, gate/up): a call costs ~30 us of fixed overhead here, 211 calls a SmolLM2 step otherwise."""
-        biases = {module.bias is None for module in modules}
-        plain = all(type(module) is torch.nn.Linear for module in modules)  # a custom head computes itself
-        if self.kind == "torch" or not plain or len(biases) > 1:
+        if self.kind == "torch" or not _plain(modules):
             return [module(x) for module in modules]
-        weight, bias = packed(tuple(modules))
-        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        out = self.stacked(modules, x)
         return list(out.split([module.out_features for module in modules], dim=-1)) if len(modules) > 1 else [out]
 
-    def mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The llama / qwen2 gated MLP (``down(act(gate(x)) * up(x))``, as transformers computes it)."""
+    def stacked(self, modules: Sequence[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """The modules' outputs side by side in the last dimension (q/k/v as one tensor): one oneDNN matmul, or
+        the modules' own outputs concatenated."""
+        if self.kind == "torch" or not _plain(modules):
+            outputs = [module(x) for module in modules]
+            return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        weight, bias = packed(tuple(modules))
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    def residual(self, module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + module(x)``. oneDNN in float32 adds inside the matmul (a post-op: the same sum, exactly,
+        one op and one pass over the activations fewer); bfloat16 rounds the product first, as the model does."""
+        if self.kind == "torch" or not _plain((module,)) or residual.dtype != torch.float32:
+            return residual + self(module, x)
+        weight, bias = packed((module,))
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+
+    def mlp(self, mlp: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + the llama / qwen2 gated MLP (``down(act(gate(x)) * up(x))``, as transformers computes it)."""
         if self.kind == "torch":
-            return mlp(x)
+            return residual + mlp(x)
         gate, up = self.group((mlp.gate_proj, mlp.up_proj), x)
-        return self(mlp.down_proj, mlp.act_fn(gate) * up)
+        return self.residual(mlp.down_proj, mlp.act_fn(gate) * up, residual)
+
+
+def _plain(modules: Sequence[torch.nn.Module]) -> bool:
+    """Whether oneDNN can run ``modules`` as one matmul: plain Linear modules (a custom head computes itself), all
+    with a bias or all without."""
+    return all(type(module) is torch.nn.Linear for module in modules) \
+        and len({module.bias is None for module in modules}) == 1
 
 
 def packed(modules: Tuple[torch.nn.Linear, ...]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

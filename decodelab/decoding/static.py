@@ -98,7 +98,7 @@ class StaticForward:
         self.features = torch.empty(0)
         self.warm: set = set()  # buckets compiled for the current capacity
         self.keys = self.values = torch.empty(0)
-        self.cos = self.sin = torch.empty(0)
+        self.cos = self.signed_sin = torch.empty(0)
         self._allocate(slots)
         # Compiled: one graph per (bucket, capacity), attention over the whole capacity under a mask.
         self._compiled = _compile(self) if compile else None
@@ -136,7 +136,7 @@ class StaticForward:
         positions = torch.arange(slots, device=self.device)[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.base.rotary_emb(probe, positions)  # the model's own rotary tables (and its scaling)
-        self.cos, self.sin = cos[0], sin[0]
+        self.cos, self.signed_sin = cos[0], _signed(sin[0])
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -221,7 +221,7 @@ class StaticForward:
         the whole vocabulary each."""
         hidden = self.base.embed_tokens(inputs) if inputs.dtype == torch.long else inputs
         stream = [hidden[0]] if self.capture else None
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        cos, sin = self.cos[positions][None, :, None], self.signed_sin[positions][None, :, None]  # [1, T, 1, head_dim]
         for slot, index in enumerate(self.layer_ids):
             hidden = self._layer(self.base.layers[index], slot, hidden, cos, sin, mask, slots, span)
             if stream is not None:
@@ -233,22 +233,24 @@ class StaticForward:
 
     def _layer(self, layer, slot: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: Optional[torch.Tensor], slots: torch.Tensor, span: int) -> torch.Tensor:
+        """One decoder layer. q/k/v come out of one matmul as ``[1, T, heads + 2 kv_heads, head_dim]``, and q and k
+        are rotated together: a handful of eager ops a layer, which is what a step spends beside its weights."""
         attention = layer.self_attn
-        x = _norm(layer.input_layernorm, hidden)
-        count = x.shape[1]
-        linear = self.linears
-        q, k, v = linear.group((attention.q_proj, attention.k_proj, attention.v_proj), x)
-        q = q.view(1, count, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(1, count, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        self.keys[slot].index_copy_(1, slots, k[0])
-        self.values[slot].index_copy_(1, slots, v[0])
+        count = hidden.shape[1]
+        heads, rotated_heads = self.heads, self.heads + self.kv_heads
+        qkv = self.linears.stacked((attention.q_proj, attention.k_proj, attention.v_proj),
+                                   _norm(layer.input_layernorm, hidden))
+        qkv = qkv.view(1, count, rotated_heads + self.kv_heads, self.head_dim)
+        qk = _rotate(qkv[:, :, :rotated_heads], cos, sin)
+        q, k, v = qk[:, :, :heads].transpose(1, 2), qk[0, :, heads:].transpose(0, 1), qkv[0, :, rotated_heads:]
+        self.keys[slot].index_copy_(1, slots, k)
+        self.values[slot].index_copy_(1, slots, v.transpose(0, 1))
         keys, values = self.keys[slot, :, :span][None], self.values[slot, :, :span][None]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling,
                                              enable_gqa=self.kv_heads != self.heads)
-        hidden = hidden + linear(attention.o_proj, out.transpose(1, 2).reshape(1, count, self.heads * self.head_dim))
-        return hidden + linear.mlp(layer.mlp, _norm(layer.post_attention_layernorm, hidden))
+        out = out.transpose(1, 2).reshape(1, count, heads * self.head_dim)
+        hidden = self.linears.residual(attention.o_proj, out, hidden)
+        return self.linears.mlp(layer.mlp, _norm(layer.post_attention_layernorm, hidden), hidden)
 
 
 class _Step(torch.nn.Module):
@@ -283,13 +285,21 @@ RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(norm).__name__ not in RMS_NORMS:
         return norm(x)
+    if x.dtype == norm.weight.dtype == torch.float32:  # the weight inside the kernel: the same product, one op less
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     return F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype) * norm.weight
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with rotate_half's signs folded in (its first half negated), for :func:`_rotate`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``x * cos + rotate_half(x) * sin``, bit for bit: ``rotate_half(x)`` is ``x`` rolled by half
+    a head with its first half negated, and the negation moves exactly onto ``sin`` (:func:`_signed`)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _causal(start: int, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

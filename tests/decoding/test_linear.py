@@ -57,6 +57,30 @@ def test_a_group_is_one_matmul_with_each_modules_output(bias):
         torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["torch", "onednn"])
+def test_stacked_outputs_sit_side_by_side_as_the_group_gives_them(kind):
+    torch.manual_seed(4)
+    modules = [torch.nn.Linear(48, n, bias=True) for n in (48, 16, 16)]
+    x = torch.randn(1, 5, 48)
+    stacked = Linears(kind).stacked(modules, x)
+    assert stacked.shape == (1, 5, 80)
+    assert torch.equal(stacked, torch.cat(Linears(kind).group(modules, x), dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_residual_add_inside_the_matmul_is_the_same_sum(bias, dtype):
+    """float32: oneDNN's add post-op gives residual + module(x) bit for bit; bfloat16 adds after the product's
+    rounding, as the model does."""
+    torch.manual_seed(5)
+    module = torch.nn.Linear(96, 64, bias=bias).to(dtype)
+    for rows in (1, 3, 9):
+        x, residual = torch.randn(1, rows, 96).to(dtype), (torch.randn(1, rows, 64) * 10).to(dtype)
+        onednn = Linears("onednn")
+        assert torch.equal(onednn.residual(module, x, residual), residual + onednn(module, x))
+        assert torch.equal(Linears("torch").residual(module, x, residual), residual + module(x))
+
+
 def test_a_changed_weight_is_repacked_and_a_custom_module_computes_itself():
     module = torch.nn.Linear(8, 4)
     first = packed((module,))[0]

@@ -122,6 +122,25 @@ def test_fused_rms_norm_is_bit_identical_to_the_models_own(family, dtype):
         assert torch.equal(_norm(norm, x), norm(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_is_bit_identical_to_transformers(dtype):
+    """q and k rotate together, as ``x * cos + roll(x) * signed sin``: exactly transformers' rotate_half form."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from decodelab.decoding.static import _rotate, _signed
+
+    torch.manual_seed(2)
+    for rows, heads, kv_heads, head_dim in ((1, 9, 3, 64), (5, 4, 4, 32), (17, 2, 1, 8)):
+        q = (torch.randn(1, heads, rows, head_dim) * 3).to(dtype)
+        k = (torch.randn(1, kv_heads, rows, head_dim) * 3).to(dtype)
+        angles = torch.randn(1, rows, head_dim // 2) * 5
+        cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        together = _rotate(torch.cat((q, k), dim=1).transpose(1, 2), cos[:, :, None], _signed(sin)[:, :, None])
+        assert torch.equal(together[:, :, :heads].transpose(1, 2), want_q)
+        assert torch.equal(together[:, :, heads:].transpose(1, 2), want_k)
+
+
 def test_a_prompt_runs_only_its_last_row_through_the_lm_head(loaded):
     """Prefill keeps one row of logits, so only that row pays the vocabulary GEMM; features keep every row."""
     static = LMAdapter(loaded.model, cache="static")
