@@ -1,5 +1,7 @@
-"""Triton kernels, each beside its torch reference and a test comparing the two (``tests/kernels/``).
+"""Kernels, each beside its torch reference and a test comparing the two (``tests/kernels/``).
 
+- ``linear`` (``linear.cpp``) / ``linear_reference``: the few-row CPU matmul of ``backend.linear=gemv`` (C++, built
+  with the machine's compiler on first use); ``linear.py`` imports only torch, and the decoding core calls it.
 - ``logits`` / ``logits_reference``: the fused sampling filters (temperature, top-k, top-p, min-p ->
   probabilities, and a draw) without a sort; the reference composes ``decodelab.decoding.logits``' filters.
 - ``rejection`` / ``rejection_reference``: rejection samplers for chains and token trees, greedy and
@@ -8,9 +10,9 @@
 - ``provider``: ``backend.kernels`` (torch | triton): the provider the decoding core is handed
   (``decodelab.decoding.types.Kernels``), and the one-line refusals when Triton cannot run a config.
 
-Random numbers are inputs (uniforms, Exp(1) noise) drawn by the caller from its generator in the order the
-torch path draws them, so for the same seed a kernel emits the torch path's tokens. Only ``provider`` and
-the references import without Triton. On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
+The others are Triton kernels. Their random numbers are inputs (uniforms, Exp(1) noise) drawn by the caller from
+its generator in the order the torch path draws them, so for the same seed a kernel emits the torch path's tokens.
+Only ``linear``, ``provider`` and the references import without Triton. On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
 set before Triton is imported): that checks correctness and says nothing about speed.
 """
 
