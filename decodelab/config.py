@@ -24,7 +24,7 @@ KERNEL_PROVIDERS = ("torch", "triton")
 # auto: the static cache where the model allows it (decoding/static.py), transformers' DynamicCache elsewhere.
 KV_CACHES = ("auto", "static", "dynamic")
 # backend.linear (decodelab/decoding/linear.py holds the same tuple; this layer sits below it).
-LINEARS = ("auto", "torch", "onednn")
+LINEARS = ("auto", "torch", "onednn", "gemv")
 ONEDNN_DTYPES = ("float32", "bfloat16")
 ACCEPTANCE_RULES = ("lossless", "typical")
 WANDB_MODES = ("offline", "online", "auto", "disabled")
@@ -188,9 +188,10 @@ class BackendConfig:
     kernels: str = "torch"
     # The KV cache and forward of the target (and of a draft model): one of KV_CACHES.
     kv_cache: str = "auto"
-    # How the static forward multiplies by weights (decodelab/decoding/linear.py): one of LINEARS. auto: oneDNN-packed
-    # weights on CPU in float32 / bfloat16 (here 1.6x faster one-token steps than MKL's F.linear, 1.8-2.5x at 2-8
-    # tokens), the modules' own elsewhere.
+    # How the static forward multiplies by weights (decodelab/decoding/linear.py): one of LINEARS. auto: gemv on CPU in
+    # float32 where a C++ compiler builds its kernel (kernels/linear.cpp for 1-3 rows, here 1.48x faster one-token
+    # steps than onednn; oneDNN-packed weights for more rows), onednn in bfloat16 (or without a compiler), the
+    # modules' own elsewhere.
     linear: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -206,6 +207,8 @@ class BackendConfig:
         check(self.linear != "onednn" or (base == "cpu" and self.dtype in ONEDNN_DTYPES), f"{key}.linear",
               f"onednn packs float32 / bfloat16 weights on the CPU, got device={self.device} dtype={self.dtype}; "
               f"use {key}=torch or auto")
+        check(self.linear != "gemv" or (base == "cpu" and self.dtype == "float32"), f"{key}.linear",
+              f"gemv is a float32 CPU kernel, got device={self.device} dtype={self.dtype}; use {key}=torch or auto")
         if self.threads is not None:
             check(self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
 

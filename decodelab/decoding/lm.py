@@ -46,8 +46,8 @@ class LMAdapter:
         check(not hidden_states or (reason is None and cache != "dynamic"), "backend.kv_cache",
               f"hidden states are read from the static forward, which this run cannot use "
               f"({reason or 'backend.kv_cache=dynamic'}); use a llama/qwen2-family model with backend.kv_cache=auto")
-        check(linear != "onednn" or (reason is None and cache != "dynamic"), "backend.linear",
-              f"onednn packs the static forward's weights, which this run cannot use "
+        check(linear not in ("onednn", "gemv") or (reason is None and cache != "dynamic"), "backend.linear",
+              f"{linear} runs the static forward's weights, which this run cannot use "
               f"({reason or 'backend.kv_cache=dynamic'}); use backend.linear=auto or torch")
         self.model = model
         self.layers = list(layers) if layers is not None else None
@@ -72,7 +72,7 @@ class LMAdapter:
 
     @property
     def linear(self) -> str:
-        """How weights multiply, resolved (backend.linear=auto): onednn or torch; inductor where the static step
+        """How weights multiply, resolved (backend.linear=auto): onednn, gemv or torch; inductor where the static step
         is compiled (its weight freezing packs them); torch on the dynamic path."""
         if self.static is None:
             return "torch"

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from decodelab.decoding.linear import Linears, resolve
+from decodelab.decoding.linear import GEMV_ROWS, Linears, resolve
 
 FAMILIES = ("llama", "qwen2")
 # Attention implementations the static path stands in for (it computes attention with torch's SDPA).
@@ -107,8 +107,9 @@ class StaticForward:
 
     def _pack(self) -> None:
         """Pack every weight the step multiplies by now, with one dummy step: packed on first use, the first
-        prompt's time would pay for it (about 1 s per 0.5 GB of weights here). The cache holds what it held."""
-        self.run([0])
+        prompt's time would pay for it (about 1 s per 0.5 GB of weights here). More rows than gemv's kernel
+        takes, so that kind packs too. The cache holds what it held."""
+        self.run([0] * (GEMV_ROWS + 1))
         self.length = 0
         self.features = torch.empty(0)
 
