@@ -99,10 +99,13 @@ def _load_gemv() -> None:
     from decodelab.kernels import linear as kernel
 
     try:
-        kernel.load()
+        seconds = kernel.load()
     except (RuntimeError, OSError, ImportError) as err:
         check(False, KEY, f"gemv's kernel did not build in {kernel.build_dir()} ({str(err).splitlines()[0]}); "
                           f"use {KEY}=onednn (or torch)")
+    if seconds > 2:  # a build, not a load: said once, never inside a timed step
+        notice(f"{KEY}=gemv: built its kernel in {seconds:.0f} s (first use on this machine; cached in "
+               f"{kernel.build_dir()})")
 
 
 class Linears:
