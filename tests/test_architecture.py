@@ -9,8 +9,11 @@ from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "decodelab"
-# Lowest first: a module may import from its own layer and the layers before it.
-LAYERS = ["decodelab", "decodelab.errors", "decodelab.config", "decodelab.decoding", "decodelab.kernels",
+# Lowest first: a module may import from its own layer and the layers before it. A module's layer is its longest
+# prefix here: kernels.linear (the C++ matmul's loader, torch only) sits below the decoding core that calls it; the
+# rest of kernels (the provider, the references of the core's own rules) above it.
+LAYERS = ["decodelab", "decodelab.errors", "decodelab.config", "decodelab.kernels.linear", "decodelab.decoding",
+          "decodelab.kernels",
           "decodelab.models", "decodelab.drafters", "decodelab.tasks", "decodelab.strategies", "decodelab.engines",
           "decodelab.tracking",
           "decodelab.experiment", "decodelab.training", "decodelab.analysis", "decodelab.sweeps", "decodelab.cli"]
@@ -58,7 +61,8 @@ def imports_of(name: str, path: Path, known: Set[str]) -> Set[str]:
 
 
 def layer_of(module: str) -> int:
-    return max(i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + "."))
+    return max(((len(prefix), i) for i, prefix in enumerate(LAYERS)
+                if module == prefix or module.startswith(prefix + ".")))[1]
 
 
 def graph() -> Dict[str, Set[str]]:

@@ -13,7 +13,7 @@ depend on how many rows share the call: greedy speculative decoding stays exact 
 path up to such near-ties, which the runs' lossless check counts.
 
 ``gemv`` runs calls of up to ``GEMV_ROWS`` rows (decode steps, short drafts to verify) through
-``kernels/linear.cpp`` (``decodelab.kernels.linear``, a leaf that imports only torch): each weight row streamed once
+``kernels/linear.cpp`` (``decodelab.kernels.linear``, a layer below this one: it imports only torch): each weight row streamed once
 for all rows, in the modules' own layout, at close to the bandwidth a sum reads, where oneDNN's matmul pays a fixed
 cost per call; longer calls go to the oneDNN-packed weights, as ``onednn``. float32 on CPU, built with the machine's
 C++ compiler on first use (cached). Within the kernel a row's sums never depend on the rows beside it.
@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import decodelab.kernels.linear as kernel
 from decodelab.errors import ConfigError, check, notice
 
 KEY = "backend.linear"
@@ -63,8 +64,6 @@ def gemv_problem(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         return f"device {device.type} (gemv is a CPU kernel)"
     if dtype != torch.float32:
         return f"dtype {str(dtype).removeprefix('torch.')} (gemv is float32)"
-    from decodelab.kernels import linear as kernel
-
     return kernel.problem()
 
 
@@ -96,8 +95,6 @@ def resolve(linear: str, device: torch.device, dtype: torch.dtype) -> str:
 def _load_gemv() -> None:
     """Build or load the kernel's library; a failed build is one line naming the key (the compiler's output is
     in the build folder's log)."""
-    from decodelab.kernels import linear as kernel
-
     try:
         seconds = kernel.load()
     except (RuntimeError, OSError, ImportError) as err:
@@ -114,8 +111,6 @@ class Linears:
     def __init__(self, kind: str):
         self.kind = kind
         if kind == "gemv":
-            from decodelab.kernels import linear as kernel
-
             _load_gemv()
             self._kernel = kernel.linear
 
