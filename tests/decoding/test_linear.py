@@ -238,3 +238,20 @@ def test_config_names_a_bad_linear():
     assert_bad_value_is_named("cuda", "backend.linear=onednn", "backend.linear", group="backend")
     assert_bad_value_is_named("cpu", "backend.linear=gemv", "backend.linear", extra=["backend.dtype=bfloat16"],
                               group="backend")
+
+
+def test_a_first_use_build_is_said_once(monkeypatch, capsys):
+    import functools
+
+    from decodelab.decoding.linear import _load_gemv
+
+    @functools.lru_cache(maxsize=None)
+    def build() -> float:  # as kernel.load: cached, the seconds its first call took
+        return 23.0
+
+    monkeypatch.setattr(kernel, "load", build)
+    capsys.readouterr()
+    for _ in range(3):  # the target's adapter, a draft's, a baseline's
+        _load_gemv()
+    err = capsys.readouterr().err
+    assert err.count("backend.linear=gemv: built its kernel in 23 s (first use on this machine") == 1, err
