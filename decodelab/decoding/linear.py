@@ -92,16 +92,20 @@ def resolve(linear: str, device: torch.device, dtype: torch.dtype) -> str:
     return linear
 
 
+_said_build = False
+
+
 def _load_gemv() -> None:
     """Build or load the kernel's library; a failed build is one line naming the key (the compiler's output is
     in the build folder's log)."""
-    fresh = kernel.load.cache_info().currsize == 0  # not yet loaded in this process
+    global _said_build
     try:
         seconds = kernel.load()
     except (RuntimeError, OSError, ImportError) as err:
         check(False, KEY, f"gemv's kernel did not build in {kernel.build_dir()} ({str(err).splitlines()[0]}); "
                           f"use {KEY}=onednn (or torch)")
-    if fresh and seconds > 2:  # a build, not a load: said once, never inside a timed step
+    if seconds > 2 and not _said_build:  # a build, not a load (load() is cached): said once per process
+        _said_build = True
         notice(f"{KEY}=gemv: built its kernel in {seconds:.0f} s (first use on this machine; cached in "
                f"{kernel.build_dir()})")
 
