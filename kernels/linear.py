@@ -1,14 +1,14 @@
 """``decodelab::linear``: the few-row CPU matmul of ``kernels/linear.cpp``, built on first use and cached.
 
-Why a kernel of our own: a decode step multiplies one row (or a draft of up to 8) by every weight, so it is bound by
+Why a kernel of our own: a decode step multiplies one row (or a short draft) by every weight, so it is bound by
 how fast the weights stream. MKL's small-M sgemm and oneDNN's packed matmul read SmolLM2's layer matrices at 9-21 GB/s
 where a plain sum over the same bytes reads 28-48 (benchmarks/README.md, 'Where a oneDNN step goes'); the kernel
 streams each weight row once for all rows, in the module's own layout (no packed copy), one call per group.
 
-The library is compiled with the machine's C++ compiler (``-O3 -march=native``) through
+The library is compiled with the machine's C++ compiler (``FLAGS``) through
 ``torch.utils.cpp_extension`` into ``$DECODELAB_CACHE/kernels/`` (default ``~/.cache/decodelab``), in a folder
 named by the torch version and a hash of the source, the flags and the CPU's instruction sets, so a binary is
-never loaded on a CPU it was not built for; the first build takes ~20-60 s on 2 cores, later processes load it.
+never loaded on a CPU it was not built for; the first build took 10-23 s on 2 cores here, later processes load it.
 """
 
 from __future__ import annotations
