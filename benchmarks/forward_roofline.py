@@ -34,8 +34,8 @@ from decodelab.models.loading import load_model
 SIZES = [1, 2, 4, 8, 16]
 # Paths: dynamic (transformers' forward), static (decodelab's, the modules' F.linear), onednn (decodelab's over
 # oneDNN-packed weights, backend.linear=onednn), gemv (decodelab's over kernels/linear.cpp, backend.linear=gemv),
-# compiled (decodelab's under inductor, which packs weights itself).
-LINEAR = {"onednn": "onednn", "gemv": "gemv"}
+# compiled (decodelab's under inductor, which packs weights itself). A path named as a backend.linear kind runs it.
+LINEARS = ("onednn", "gemv")
 
 
 def bandwidth_gb_s(device: torch.device, gib: float = 1.0, repeats: int = 7) -> float:
@@ -81,7 +81,7 @@ def main() -> None:
     paths = args.paths.split(",")
     sizes = [int(n) for n in args.sizes.split(",")]
     adapters = {name: LMAdapter(loaded.model, cache="dynamic" if name == "dynamic" else "static",
-                                compile=name == "compiled", linear=LINEAR.get(name, "torch")) for name in paths}
+                                compile=name == "compiled", linear=name if name in LINEARS else "torch") for name in paths}
     for adapter in adapters.values():
         adapter.reserve(args.context + max(sizes) + 1)
     compile_s = {name: adapter.warmup(sizes) for name, adapter in adapters.items()}

@@ -70,8 +70,7 @@ def load() -> float:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     build(name="decodelab_linear", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-          build_directory=str(folder),
-          is_python_module=False, verbose=False)
+          build_directory=str(folder), is_python_module=False, verbose=False)
     return time.perf_counter() - start
 
 
